@@ -1,0 +1,217 @@
+"""Readers for the dataset-directory files. Each validates its input and raises one ``DataFormatError``
+naming the file, the line and the offending value; none returns half-parsed data.
+
+``sequences.txt`` is parsed with vectorised numpy over the raw bytes (no per-line Python), so a file of
+hundreds of millions of interactions loads at memory speed.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hellm_ds.errors import DataFormatError
+
+_MAX_DIGITS = 18  # fits int64 without overflow
+
+
+@dataclass(frozen=True)
+class RawSequences:
+    user_ids: np.ndarray  # int64 [U], external ids in file order
+    offsets: np.ndarray  # int64 [U+1] into items
+    items: np.ndarray  # int64 [nnz], 1-based item ids, chronological per user
+    lines: np.ndarray  # int64 [U], 1-based line of each user
+
+
+def _line_of(buf: np.ndarray, pos: int) -> int:
+    return int(np.count_nonzero(buf[:pos] == 10)) + 1
+
+
+def _token_at(data: bytes, pos: int) -> str:
+    lo = pos
+    while lo > 0 and data[lo - 1 : lo] not in (b" ", b"\t", b"\n", b"\r"):
+        lo -= 1
+    hi = pos
+    while hi < len(data) and data[hi : hi + 1] not in (b" ", b"\t", b"\n", b"\r"):
+        hi += 1
+    return data[lo:hi].decode("utf-8", errors="replace")
+
+
+def read_sequences(path: str | Path) -> RawSequences:
+    """Parse ``user item item ...`` lines (1-based ids, chronological). Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(path, None, "file not found")
+    data = path.read_bytes()
+    buf = np.frombuffer(data, dtype=np.uint8)
+    is_digit = (buf >= 48) & (buf <= 57)
+    is_space = (buf == 32) | (buf == 9) | (buf == 10) | (buf == 13)
+    bad = ~(is_digit | is_space)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        raise DataFormatError(path, _line_of(buf, pos), "token is not a non-negative integer", _token_at(data, pos))
+
+    digit_pos = np.flatnonzero(is_digit)
+    if digit_pos.size == 0:
+        raise DataFormatError(path, None, "no users in file")
+    starts_mask = np.ones(digit_pos.size, dtype=bool)
+    starts_mask[1:] = digit_pos[1:] != digit_pos[:-1] + 1
+    tok_first = np.flatnonzero(starts_mask)  # index into digit_pos of each token's first digit
+    tok_len = np.diff(np.append(tok_first, digit_pos.size))
+    if tok_len.max() > _MAX_DIGITS:
+        t = int(np.argmax(tok_len > _MAX_DIGITS))
+        pos = int(digit_pos[tok_first[t]])
+        raise DataFormatError(path, _line_of(buf, pos), "id too large", _token_at(data, pos))
+
+    # value = sum(digit * 10^(digits after it in its token))
+    tok_of_digit = np.cumsum(starts_mask) - 1
+    last_of_tok = tok_first + tok_len - 1
+    exponent = last_of_tok[tok_of_digit] - np.arange(digit_pos.size)
+    digits = (buf[digit_pos] - 48).astype(np.int64)
+    values = np.add.reduceat(digits * (10 ** exponent.astype(np.int64)), tok_first)
+
+    newline_count = np.cumsum(buf == 10)
+    tok_start = digit_pos[tok_first]
+    tok_line = newline_count[tok_start]  # 0-based line of each token (a digit is never a newline)
+    first_in_line = np.ones(tok_line.size, dtype=bool)
+    first_in_line[1:] = tok_line[1:] != tok_line[:-1]
+    user_tok = np.flatnonzero(first_in_line)
+    n_tok_line = np.diff(np.append(user_tok, tok_line.size))
+    lines = tok_line[user_tok] + 1
+    user_ids = values[user_tok]
+
+    if (n_tok_line < 2).any():
+        u = int(np.argmax(n_tok_line < 2))
+        raise DataFormatError(path, int(lines[u]), "user has no items", int(user_ids[u]))
+    if (user_ids == 0).any():
+        u = int(np.argmax(user_ids == 0))
+        raise DataFormatError(path, int(lines[u]), "user ids are 1-based; got user id 0", 0)
+    item_mask = ~first_in_line
+    items = values[item_mask]
+    if (items == 0).any():
+        t = int(np.argmax(items == 0))
+        line = int(tok_line[np.flatnonzero(item_mask)[t]]) + 1
+        raise DataFormatError(path, line, "item ids are 1-based (0 is padding); got item id 0", 0)
+    order = np.argsort(user_ids, kind="stable")
+    dup = np.flatnonzero(user_ids[order][1:] == user_ids[order][:-1])
+    if dup.size:
+        later = order[dup + 1]  # stable sort: the later occurrence of each duplicated id
+        u = int(later.min())
+        raise DataFormatError(path, int(lines[u]), "user listed twice", int(user_ids[u]))
+
+    offsets = np.zeros(user_ids.size + 1, dtype=np.int64)
+    np.cumsum(n_tok_line - 1, out=offsets[1:])
+    return RawSequences(user_ids=user_ids, offsets=offsets, items=items, lines=lines)
+
+
+@dataclass(frozen=True)
+class MultiHot:
+    """A sparse 0/1 matrix [n_items, dim] in CSR form; row i-1 is item i."""
+
+    indptr: np.ndarray  # int64 [n_items+1]
+    indices: np.ndarray  # int64 [nnz], 0-based column
+    dim: int
+
+    def dense_rows(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi-1 as a dense float32 block (callers work in row blocks; never densify all)."""
+        out = np.zeros((hi - lo, self.dim), dtype=np.float32)
+        a, b = self.indptr[lo], self.indptr[hi]
+        rows = np.repeat(np.arange(hi - lo), np.diff(self.indptr[lo : hi + 1]))
+        out[rows, self.indices[a:b]] = 1.0
+        return out
+
+
+def _json_line_of_key(text: str, key: str) -> int | None:
+    pos = text.find(f'"{key}"')
+    return None if pos < 0 else text.count("\n", 0, pos) + 1
+
+
+def read_attributes(path: str | Path, n_items: int) -> MultiHot:
+    """``{"item_id": [attribute_id, ...]}`` → a multi-hot matrix; attribute ids map to dense columns in
+    increasing id order. Items absent from the file get an empty row."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(path, 1, "expected a JSON object {item_id: [attribute_id, ...]}", type(obj).__name__)
+    def fail(key: str, message: str, value: object):
+        raise DataFormatError(path, _json_line_of_key(text, key), message, value)
+
+    rows: dict[int, list[int]] = {}
+    for key, attrs in obj.items():
+        try:
+            item = int(key)
+        except ValueError:
+            fail(key, "item id is not an integer", key)
+        if not 1 <= item <= n_items:
+            fail(key, f"unknown item (the sequences have items 1..{n_items})", key)
+        if not isinstance(attrs, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attrs):
+            fail(key, "attributes must be a list of integers", attrs)
+        if any(a < 0 for a in attrs):
+            fail(key, "attribute ids must be non-negative", attrs)
+        rows[item] = sorted(set(attrs))
+    vocab = np.unique(np.fromiter((a for v in rows.values() for a in v), dtype=np.int64))
+    counts = np.zeros(n_items, dtype=np.int64)
+    for item, v in rows.items():
+        counts[item - 1] = len(v)
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.empty(indptr[-1], dtype=np.int64)
+    for item, v in rows.items():
+        indices[indptr[item - 1] : indptr[item]] = np.searchsorted(vocab, v)
+    return MultiHot(indptr=indptr, indices=indices, dim=int(vocab.size))
+
+
+def read_feature(path: str | Path, n_items: int) -> np.ndarray:
+    """A float ``[n_items, d]`` ``.npy`` (row i-1 = item i) → float32, validated finite. No pickles."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataFormatError(path, None, f"not a readable .npy array: {e}") from None
+    if arr.ndim != 2:
+        raise DataFormatError(path, None, "feature array must be 2-D [n_items, d]", tuple(arr.shape))
+    if arr.shape[0] != n_items:
+        raise DataFormatError(
+            path, None, f"feature array has {arr.shape[0]} rows, the sequences have {n_items} items", arr.shape[0]
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise DataFormatError(path, None, "feature array must be floating point", str(arr.dtype))
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        raise DataFormatError(path, int(row) + 1, f"non-finite feature (row = item id, column {int(col)})",
+                              float(arr[row, col]))
+    return arr
+
+
+def read_item_texts(path: str | Path, n_items: int) -> tuple[str, ...]:
+    """``item_id<TAB>text`` lines → a tuple indexed by item id (entry 0 and unlisted items are "")."""
+    path = Path(path)
+    texts = [""] * (n_items + 1)
+    seen = np.zeros(n_items + 1, dtype=bool)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            key, sep, text = line.partition("\t")
+            if not sep:
+                raise DataFormatError(path, lineno, "expected item_id<TAB>text", line[:80])
+            try:
+                item = int(key)
+            except ValueError:
+                raise DataFormatError(path, lineno, "item id is not an integer", key) from None
+            if not 1 <= item <= n_items:
+                raise DataFormatError(path, lineno, f"unknown item (the sequences have items 1..{n_items})", item)
+            if seen[item]:
+                raise DataFormatError(path, lineno, "item listed twice", item)
+            seen[item] = True
+            texts[item] = text
+    return tuple(texts)

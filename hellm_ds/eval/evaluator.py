@@ -1,0 +1,79 @@
+"""Full-ranking evaluation of any model over a validation/test split, batched and sharded across ranks.
+
+A model is given as ``user_fn(batch) -> Tensor``, where ``batch`` is the left-padded collator output
+(``input_ids``, ``attention_mask``, ``users``, ``targets``):
+- with ``item_vectors`` ([n_items + 1, d], row 0 padding) the function returns user vectors ``[B, d]`` and
+  scores are ``u · item_vectors.T (+ item_bias)``, computed in item chunks (never a users × items matrix);
+- without, it returns dense scores ``[B, n_items + 1]`` for the batch.
+
+Each rank evaluates a disjoint shard of users; sums are all-reduced, so the result does not depend on the
+world size. ``lockstep=True`` makes every rank run the same number of forward passes (ZeRO-3 gathers
+parameters collectively in every forward); the filler samples are not counted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hellm_ds.data.batching import NextItemExamples, ShardedSampler, dist_rank_world
+from hellm_ds.data.dataset import Dataset
+from hellm_ds.eval.metrics import DEFAULT_KS, MetricAccumulator
+from hellm_ds.eval.ranking import PROTOCOLS, rank_targets, rank_targets_from_scores
+
+UserFn = Callable[[dict], torch.Tensor]
+
+
+@torch.no_grad()
+def evaluate(
+    dataset: Dataset,
+    split: str,
+    user_fn: UserFn,
+    item_vectors: torch.Tensor | None = None,
+    item_bias: torch.Tensor | None = None,
+    protocols: Iterable[str] = PROTOCOLS,
+    ks=DEFAULT_KS,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    lockstep: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """``{protocol: {"Recall@10": …, …}}`` for one split."""
+    protocols = tuple(protocols)
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {PROTOCOLS}")
+    device = torch.device(device)
+    examples = NextItemExamples(dataset, split)
+    rank, world = dist_rank_world()
+    shard = ShardedSampler(len(examples), world, rank, shuffle=False, drop_last=False).indices()
+    n_batches = math.ceil(shard.size / batch_size)
+    if lockstep:  # every rank runs as many batches as the largest shard needs
+        n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
+    acc = {p: MetricAccumulator(ks) for p in protocols}
+    if item_vectors is not None:
+        item_vectors = item_vectors.to(device)
+        item_bias = None if item_bias is None else item_bias.to(device)
+    for b in tqdm(range(n_batches), desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
+        idx = shard[b * batch_size : (b + 1) * batch_size]
+        n_real = idx.size
+        if n_real == 0:  # lockstep filler: run the model, count nothing
+            idx = np.zeros(1, dtype=np.int64)
+        batch = {k: v.to(device) for k, v in examples.collate(idx).items()}
+        out = user_fn(batch)
+        history = batch["input_ids"] if "filtered" in protocols else None
+        if item_vectors is not None:
+            ranks = rank_targets(out, item_vectors, batch["targets"], history, item_bias)
+        else:
+            ranks = rank_targets_from_scores(out, batch["targets"], history)
+        for p in protocols:
+            acc[p].add(ranks[p][:n_real])
+    return {p: acc[p].result() for p in protocols}
+
+
+def evaluate_splits(dataset: Dataset, user_fn: UserFn, splits=("valid", "test"), **kwargs) -> dict:
+    """``{"valid": {protocol: metrics}, "test": {…}}`` — the JSON shape every ``hellm-ds`` command prints."""
+    return {s: evaluate(dataset, s, user_fn, **kwargs) for s in splits}

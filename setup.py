@@ -1,0 +1,33 @@
+"""hellm_ds: HeLLM (hypergraph-enhanced LLM recommendation) as a DeepSpeed-scaled trainer."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+version = {}
+exec((ROOT / "hellm_ds" / "version.py").read_text(), version)
+
+setup(
+    name="hellm_ds",
+    version=version["__version__"],
+    description="HeLLM: hypergraph pre-training + graph-injected LLM fine-tuning for recommendation, under DeepSpeed",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed>=0.15",
+        "transformers>=4.44",
+        "peft>=0.12",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4", "hypothesis>=6.90"],
+        # Optional SpMM backend; PyPI ships only its source: build with --no-build-isolation against torch.
+        "torch-sparse": ["torch-sparse>=0.6.18"],
+    },
+    entry_points={"console_scripts": ["hellm-ds=hellm_ds.cli:main"]},
+)
