@@ -35,7 +35,7 @@ class SynthConfig:
     seed: int = 0
     n_clusters: int = 0  # 0 → about one cluster per 25 items
     latent_dim: int = 16
-    zipf: float = 0.8
+    zipf: float = 1.0
     p_next: float = 0.5
     mean_extra_len: float = 7.0  # sequence length = 3 + Geometric(1 / (1 + mean_extra_len)) - 1
     max_seq_len: int = 60

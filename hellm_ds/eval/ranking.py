@@ -1,8 +1,10 @@
 """Full ranking of every catalogue item, in chunks, without ever holding a users × items matrix.
 
 The rank of a target is the number of *other* items with a strictly higher score: ties count in the
-target's favour (an item scored exactly like the target does not push it down). An item whose score is NaN
-counts as higher (a broken model is never flattered), and a NaN target score is a miss.
+target's favour (an item scored exactly like the target does not push it down). Ties are decided on the
+computed scores: two items equal in exact arithmetic may differ in the last bit after a matmul, since BLAS
+accumulates in an order that depends on the column's position. An item whose score is NaN counts as higher
+(a broken model is never flattered), and a NaN target score is a miss.
 
 Protocols (METHOD §6):
 - ``paper``: nothing is masked (the HeLLM authors' numbers).
