@@ -2,6 +2,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # DeepSpeed on a machine without GPUs: the CPU accelerator (gloo)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from hellm_ds.data.synth import SynthConfig, write_synthetic
 
