@@ -17,6 +17,13 @@ from hellm_ds.errors import DataFormatError
 _MAX_DIGITS = 18  # fits int64 without overflow
 
 
+def _plain_int(text: str) -> int | None:
+    """The value of an ASCII-digits-only token (int() would also take '+1', ' 1', '1_0', Unicode digits)."""
+    if 0 < len(text) <= _MAX_DIGITS and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 @dataclass(frozen=True)
 class RawSequences:
     user_ids: np.ndarray  # int64 [U], external ids in file order
@@ -123,9 +130,19 @@ class MultiHot:
         return out
 
 
-def _json_line_of_key(text: str, key: str) -> int | None:
-    pos = text.find(f'"{key}"')
-    return None if pos < 0 else text.count("\n", 0, pos) + 1
+def _json_line_of_key(text: str, key: str, occurrence: int = 1) -> int | None:
+    pos = -1
+    for _ in range(occurrence):
+        pos = text.find(f'"{key}"', pos + 1)
+        if pos < 0:
+            return None
+    return text.count("\n", 0, pos) + 1
+
+
+def _pairs(pairs: list) -> dict | list:
+    # keep duplicate keys visible (a plain dict would silently keep the last one)
+    keys = [k for k, _ in pairs]
+    return dict(pairs) if len(set(keys)) == len(keys) else pairs
 
 
 def read_attributes(path: str | Path, n_items: int) -> MultiHot:
@@ -134,9 +151,15 @@ def read_attributes(path: str | Path, n_items: int) -> MultiHot:
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_pairs)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    if isinstance(obj, list) and obj and all(isinstance(p, tuple) for p in obj):  # duplicate keys (see _pairs)
+        seen = set()
+        for key, _ in obj:
+            if key in seen:
+                raise DataFormatError(path, _json_line_of_key(text, key, 2), "item listed twice", key)
+            seen.add(key)
     if not isinstance(obj, dict):
         raise DataFormatError(path, 1, "expected a JSON object {item_id: [attribute_id, ...]}", type(obj).__name__)
     def fail(key: str, message: str, value: object):
@@ -144,10 +167,11 @@ def read_attributes(path: str | Path, n_items: int) -> MultiHot:
 
     rows: dict[int, list[int]] = {}
     for key, attrs in obj.items():
-        try:
-            item = int(key)
-        except ValueError:
-            fail(key, "item id is not an integer", key)
+        item = _plain_int(key)
+        if item is None:
+            fail(key, "item id is not a non-negative integer", key)
+        if item in rows:
+            fail(key, "item listed twice", key)
         if not 1 <= item <= n_items:
             fail(key, f"unknown item (the sequences have items 1..{n_items})", key)
         if not isinstance(attrs, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attrs):
@@ -204,10 +228,9 @@ def read_item_texts(path: str | Path, n_items: int) -> tuple[str, ...]:
             key, sep, text = line.partition("\t")
             if not sep:
                 raise DataFormatError(path, lineno, "expected item_id<TAB>text", line[:80])
-            try:
-                item = int(key)
-            except ValueError:
-                raise DataFormatError(path, lineno, "item id is not an integer", key) from None
+            item = _plain_int(key)
+            if item is None:
+                raise DataFormatError(path, lineno, "item id is not a non-negative integer", key)
             if not 1 <= item <= n_items:
                 raise DataFormatError(path, lineno, f"unknown item (the sequences have items 1..{n_items})", item)
             if seen[item]:
