@@ -4,6 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+_NO_VALUE = object()
+
+
 class DataFormatError(ValueError):
     """A dataset file is malformed. ``str(err)`` reads ``FILE:LINE: message (value: 'VALUE')``.
 
@@ -11,14 +14,14 @@ class DataFormatError(ValueError):
     when the problem concerns the whole file (a missing file, a wrong shape).
     """
 
-    def __init__(self, path: str | Path, line: int | None, message: str, value: object = None):
+    def __init__(self, path: str | Path, line: int | None, message: str, value: object = _NO_VALUE):
         self.path = str(path)
         self.line = line
         self.message = message
-        self.value = value
+        self.value = None if value is _NO_VALUE else value
         where = self.path if line is None else f"{self.path}:{line}"
         text = f"{where}: {message}"
-        if value is not None:
+        if value is not _NO_VALUE:
             text += f" (value: {value!r})"
         super().__init__(text)
 

@@ -15,6 +15,16 @@ import numpy as np
 from hellm_ds.errors import DataFormatError
 
 _MAX_DIGITS = 18  # fits int64 without overflow
+_MAX_ID = 10**_MAX_DIGITS - 1
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFormatError(path, line, "file is not valid UTF-8", data[e.start : e.start + 8]) from None
 
 
 def _plain_int(text: str) -> int | None:
@@ -89,24 +99,28 @@ def read_sequences(path: str | Path) -> RawSequences:
     lines = tok_line[user_tok] + 1
     user_ids = values[user_tok]
 
+    problems = []  # (line, message, value): the earliest line is reported
     if (n_tok_line < 2).any():
         u = int(np.argmax(n_tok_line < 2))
-        raise DataFormatError(path, int(lines[u]), "user has no items", int(user_ids[u]))
+        problems.append((int(lines[u]), "user has no items", int(user_ids[u])))
     if (user_ids == 0).any():
         u = int(np.argmax(user_ids == 0))
-        raise DataFormatError(path, int(lines[u]), "user ids are 1-based; got user id 0", 0)
+        problems.append((int(lines[u]), "user ids are 1-based; got user id 0", 0))
     item_mask = ~first_in_line
     items = values[item_mask]
     if (items == 0).any():
         t = int(np.argmax(items == 0))
         line = int(tok_line[np.flatnonzero(item_mask)[t]]) + 1
-        raise DataFormatError(path, line, "item ids are 1-based (0 is padding); got item id 0", 0)
+        problems.append((line, "item ids are 1-based (0 is padding); got item id 0", 0))
     order = np.argsort(user_ids, kind="stable")
     dup = np.flatnonzero(user_ids[order][1:] == user_ids[order][:-1])
     if dup.size:
         later = order[dup + 1]  # stable sort: the later occurrence of each duplicated id
         u = int(later.min())
-        raise DataFormatError(path, int(lines[u]), "user listed twice", int(user_ids[u]))
+        problems.append((int(lines[u]), "user listed twice", int(user_ids[u])))
+    if problems:
+        line, message, value = min(problems, key=lambda p: p[0])
+        raise DataFormatError(path, line, message, value)
 
     offsets = np.zeros(user_ids.size + 1, dtype=np.int64)
     np.cumsum(n_tok_line - 1, out=offsets[1:])
@@ -149,11 +163,13 @@ def read_attributes(path: str | Path, n_items: int) -> MultiHot:
     """``{"item_id": [attribute_id, ...]}`` → a multi-hot matrix; attribute ids map to dense columns in
     increasing id order. Items absent from the file get an empty row."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     try:
         obj = json.loads(text, object_pairs_hook=_pairs)
     except json.JSONDecodeError as e:
         raise DataFormatError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataFormatError(path, None, "invalid JSON: nested too deeply") from None
     if isinstance(obj, list) and obj and all(isinstance(p, tuple) for p in obj):  # duplicate keys (see _pairs)
         seen = set()
         for key, _ in obj:
@@ -176,8 +192,8 @@ def read_attributes(path: str | Path, n_items: int) -> MultiHot:
             fail(key, f"unknown item (the sequences have items 1..{n_items})", key)
         if not isinstance(attrs, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attrs):
             fail(key, "attributes must be a list of integers", attrs)
-        if any(a < 0 for a in attrs):
-            fail(key, "attribute ids must be non-negative", attrs)
+        if any(a < 0 or a > _MAX_ID for a in attrs):
+            fail(key, f"attribute ids must be in 0..{_MAX_ID}", attrs)
         rows[item] = sorted(set(attrs))
     vocab = np.unique(np.fromiter((a for v in rows.values() for a in v), dtype=np.int64))
     counts = np.zeros(n_items, dtype=np.int64)
@@ -196,23 +212,38 @@ def read_feature(path: str | Path, n_items: int) -> np.ndarray:
     path = Path(path)
     try:
         arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise DataFormatError(path, None, f"not a readable .npy array: {e}") from None
+    except Exception as e:  # numpy raises many types for corrupt headers (TokenError, TypeError, BadZipFile…)
+        raise DataFormatError(path, None, f"not a readable .npy array ({type(e).__name__}: {e})") from None
+    if not isinstance(arr, np.ndarray):  # an .npz archive saved under a .npy name
+        if hasattr(arr, "close"):
+            arr.close()
+        raise DataFormatError(path, None, "not a .npy array (an .npz archive?)", type(arr).__name__)
     if arr.ndim != 2:
         raise DataFormatError(path, None, "feature array must be 2-D [n_items, d]", tuple(arr.shape))
     if arr.shape[0] != n_items:
         raise DataFormatError(
             path, None, f"feature array has {arr.shape[0]} rows, the sequences have {n_items} items", arr.shape[0]
         )
+    if arr.shape[1] == 0:
+        raise DataFormatError(path, None, "feature array has zero columns", tuple(arr.shape))
     if not np.issubdtype(arr.dtype, np.floating):
         raise DataFormatError(path, None, "feature array must be floating point", str(arr.dtype))
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    _check_finite(path, arr)
+    if arr.dtype != np.float32:
+        big = np.abs(arr) > np.finfo(np.float32).max
+        if big.any():
+            row, col = np.argwhere(big)[0]
+            raise DataFormatError(path, int(row) + 1, f"feature does not fit float32 (row = item id, column {int(col)})",
+                                  float(arr[row, col]))
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _check_finite(path: Path, arr: np.ndarray) -> None:
     finite = np.isfinite(arr)
     if not finite.all():
         row, col = np.argwhere(~finite)[0]
         raise DataFormatError(path, int(row) + 1, f"non-finite feature (row = item id, column {int(col)})",
                               float(arr[row, col]))
-    return arr
 
 
 def read_item_texts(path: str | Path, n_items: int) -> tuple[str, ...]:
@@ -220,21 +251,20 @@ def read_item_texts(path: str | Path, n_items: int) -> tuple[str, ...]:
     path = Path(path)
     texts = [""] * (n_items + 1)
     seen = np.zeros(n_items + 1, dtype=bool)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            key, sep, text = line.partition("\t")
-            if not sep:
-                raise DataFormatError(path, lineno, "expected item_id<TAB>text", line[:80])
-            item = _plain_int(key)
-            if item is None:
-                raise DataFormatError(path, lineno, "item id is not a non-negative integer", key)
-            if not 1 <= item <= n_items:
-                raise DataFormatError(path, lineno, f"unknown item (the sequences have items 1..{n_items})", item)
-            if seen[item]:
-                raise DataFormatError(path, lineno, "item listed twice", item)
-            seen[item] = True
-            texts[item] = text
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), 1):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        key, sep, text = line.partition("\t")
+        if not sep:
+            raise DataFormatError(path, lineno, "expected item_id<TAB>text", line[:80])
+        item = _plain_int(key)
+        if item is None:
+            raise DataFormatError(path, lineno, "item id is not a non-negative integer", key)
+        if not 1 <= item <= n_items:
+            raise DataFormatError(path, lineno, f"unknown item (the sequences have items 1..{n_items})", item)
+        if seen[item]:
+            raise DataFormatError(path, lineno, "item listed twice", item)
+        seen[item] = True
+        texts[item] = text
     return tuple(texts)

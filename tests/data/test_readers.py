@@ -6,8 +6,8 @@ Property tests build a valid dataset with hypothesis (random whitespace, blank l
 newline), inject one defect at a random line and check the error's ``path``, ``line``, ``value`` and text.
 Each hypothesis example gets its own temporary directory (``tmp_path`` is not reset between examples).
 
-Tests marked ``xfail(strict=True)`` pin genuine reader bugs that are still present (the reason names the
-bug); they XPASS -- and so fail -- once the bug is fixed, at which point the marker should be removed.
+The last section pins corrupt inputs that once leaked other exception types (corrupt ``.npy`` headers, ids
+beyond int64, non-UTF-8 files, deeply nested JSON, a JSON ``null`` value).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hellm_ds.data.dataset import load_dataset
@@ -265,8 +265,9 @@ def test_load_dataset_roundtrip_with_all_optional_files(data, doc):
     n = doc.n_items
     entries = data.draw(attr_entries(n))
     feats = {
-        "img": data.draw(st.builds(lambda s: np.random.default_rng(s).standard_normal((n, 3)).astype(np.float32),
-                                   st.integers(0, 2**32 - 1))),
+        "img": np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+        .standard_normal((n, 3))
+        .astype(np.float32),
         "txt": np.arange(n * 2, dtype=np.float64).reshape(n, 2) / 7,
     }
     tsv, texts = data.draw(tsv_docs(n))
@@ -293,10 +294,10 @@ def test_load_dataset_roundtrip_with_all_optional_files(data, doc):
 # ---------------------------------------------------------------------------------------------------------
 NON_INTEGER_TOKENS = st.one_of(
     st.sampled_from(["abc", "1.5", "3x", "x3", "\u0663", "12\u0663", "\uff11\uff12", "\u00bd", "1e5", "0x1f",
-                     "1,2", "NaN", "inf", "\u221e", "4_0", "\x00", "\x0b", "\x0c7"]),
+                     "+4", "1,2", "NaN", "inf", "\u221e", "4_0", "\x00", "\x0b", "\x0c7"]),
     # any token with at least one character that is not an ASCII digit (no ASCII field separators)
-    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=" \t\r\n"), min_size=1, max_size=6)
-    .filter(lambda t: not (t.isascii() and t.isdigit())),
+    st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters=" \t\r\n"),
+            min_size=1, max_size=6).filter(lambda t: not (t.isascii() and t.isdigit())),
 )
 
 
@@ -352,7 +353,8 @@ def test_negative_token_rejected(data, doc, magnitude, via_loader):
 
 
 @SETTINGS
-@given(data=st.data(), doc=seq_docs(), zeros=st.sampled_from(["0", "0", "00", "000"]), via_loader=st.booleans())
+@given(data=st.data(), doc=seq_docs(), zeros=st.sampled_from(["0", "0", "00", "000"]),
+       via_loader=st.booleans())
 def test_item_id_zero_rejected(data, doc, zeros, via_loader):
     idx, pos = data.draw(injection_site(doc, items_only=True))
     err = seq_error(with_token(doc, idx, pos, zeros), via_loader)
@@ -369,9 +371,11 @@ def test_user_id_zero_rejected(data, doc, zeros):
 
 
 @SETTINGS
-@given(data=st.data(), doc=seq_docs(min_users=2), pad=st.sampled_from(["", "", "0", "00"]), via_loader=st.booleans())
+@given(data=st.data(), doc=seq_docs(min_users=2), pad=st.sampled_from(["", "", "0", "00"]),
+       via_loader=st.booleans())
 def test_user_listed_twice_rejected_at_second_occurrence(data, doc, pad, via_loader):
-    i, j = sorted(data.draw(st.lists(st.integers(0, len(doc.users) - 1), min_size=2, max_size=2, unique=True)))
+    pair = st.lists(st.integers(0, len(doc.users) - 1), min_size=2, max_size=2, unique=True)
+    i, j = sorted(data.draw(pair))
     second = doc.user_line_idx[j]
     err = seq_error(with_token(doc, second, 0, pad + str(doc.users[i])), via_loader)
     check_error(err, file="sequences.txt", line=second + 1, value=doc.users[i])
@@ -391,7 +395,8 @@ def test_user_without_items_rejected(data, doc, via_loader):
 @given(data=st.data(), doc=seq_docs(), lone=st.integers(10**9 + 1, 10**12))
 def test_inserted_user_without_items_rejected(data, doc, lone):
     idx = data.draw(st.integers(0, len(doc.lines) - 1))
-    err = seq_error(doc.with_inserted(idx, Line([str(lone)], [], data.draw(OPT_WS), data.draw(OPT_WS))), False)
+    line = Line([str(lone)], [], data.draw(OPT_WS), data.draw(OPT_WS))
+    err = seq_error(doc.with_inserted(idx, line), via_loader=False)
     check_error(err, file="sequences.txt", line=idx + 1, value=lone)
 
 
@@ -585,7 +590,8 @@ def test_pickled_object_array_refused(tmp_path):
 
 def test_feature_name_clashing_with_attributes_rejected():
     doc_bytes = b"1 1 2 3\n"
-    with dataset_dir(doc_bytes, attrs='{"1": [0]}', features={"attributes": np.zeros((3, 2), np.float32)}) as root:
+    clash = {"attributes": np.zeros((3, 2), np.float32)}
+    with dataset_dir(doc_bytes, attrs='{"1": [0]}', features=clash) as root:
         err = raised(load_dataset, root)
     check_error(err, file="features/attributes.npy", line=None, value="attributes")
 
@@ -653,8 +659,9 @@ def test_attribute_negative_id_rejected(data, doc, neg):
     check_error(err, file="item2attributes.json", line=at + 2, value=bad)
 
 
-GARBAGE_JSON_LINES = st.sampled_from(["@@@", "oops,", "'1': [2],", "1: [2],", '"1" [2],', "}}", "#", "[1, 2]:",
-                                      "True", "{'a': 1}", "\\"])
+GARBAGE_JSON_LINES = st.sampled_from(
+    ["@@@", "oops,", "'1': [2],", "1: [2],", '"1" [2],', "}}", "#", "[1, 2]:", "True", "{'a': 1}", "\\"]
+)
 
 
 @SETTINGS
@@ -701,7 +708,8 @@ def test_items_tsv_unknown_item_rejected(data, doc, text, via_loader):
     item = data.draw(st.one_of(st.integers(n + 1, n + 10**6), st.integers(-10**6, 0)))
     at = data.draw(st.integers(0, len(tsv.rows)))
     err = tsv_error(doc, tsv.inserted(at, f"{item}\t{text}"), via_loader)
-    check_error(err, file="items.tsv", line=at + 1, value=item)
+    # a negative id is not even a well-formed id: it is named as written
+    check_error(err, file="items.tsv", line=at + 1, value=item if item >= 0 else str(item))
 
 
 @SETTINGS
@@ -717,7 +725,8 @@ def test_items_tsv_duplicate_item_rejected_at_second_occurrence(data, doc, text,
 
 
 @SETTINGS
-@given(data=st.data(), doc=seq_docs(), sep=st.sampled_from([" ", "", "  ", ",", ";", "|"]), via_loader=st.booleans(),
+@given(data=st.data(), doc=seq_docs(), sep=st.sampled_from([" ", "", "  ", ",", ";", "|"]),
+       via_loader=st.booleans(),
        text=st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\t"), max_size=20))
 def test_items_tsv_missing_tab_rejected(data, doc, sep, via_loader, text):
     tsv, _ = data.draw(tsv_docs(doc.n_items))
@@ -728,7 +737,8 @@ def test_items_tsv_missing_tab_rejected(data, doc, sep, via_loader, text):
 
 
 @SETTINGS
-@given(data=st.data(), doc=seq_docs(), key=NON_INTEGER_KEYS.filter(lambda k: "\t" not in k), text=TSV_TEXT)
+@given(data=st.data(), doc=seq_docs(), text=TSV_TEXT,
+       key=NON_INTEGER_KEYS.filter(lambda k: "\t" not in k and k.strip()))  # "\t" alone is a blank line
 def test_items_tsv_non_integer_id_rejected(data, doc, key, text):
     tsv, _ = data.draw(tsv_docs(doc.n_items))
     at = data.draw(st.integers(0, len(tsv.rows)))
@@ -736,8 +746,40 @@ def test_items_tsv_non_integer_id_rejected(data, doc, key, text):
     check_error(err, file="items.tsv", line=at + 1, value=key)
 
 
+PYTHON_INT_ONLY = ["\u0663", "12\u0663", "1_0", " 2", "2 ", "+2", "-0", "\uff12", "0" * 18 + "1"]
+
+
+@pytest.mark.parametrize("key", PYTHON_INT_ONLY)
+def test_attribute_key_must_be_plain_ascii_integer(tmp_path, key):
+    """Keys that Python's int() takes but sequences.txt would reject are rejected here too."""
+    p = tmp_path / "item2attributes.json"
+    p.write_text("{\n\"1\": [0],\n" + json.dumps(key, ensure_ascii=False) + ": [1]\n}\n", encoding="utf-8")
+    check_error(raised(read_attributes, p, 20), file="item2attributes.json", line=3, value=key)
+
+
+@pytest.mark.parametrize("key", PYTHON_INT_ONLY)
+def test_items_tsv_id_must_be_plain_ascii_integer(tmp_path, key):
+    p = tmp_path / "items.tsv"
+    p.write_text(f"1\tfirst\n\n{key}\ttext\n", encoding="utf-8")
+    check_error(raised(read_item_texts, p, 20), file="items.tsv", line=3, value=key)
+
+
+@SETTINGS
+@given(data=st.data(), doc=seq_docs(), pad=st.sampled_from(["", "", "0", "00"]), via_loader=st.booleans())
+def test_attribute_item_listed_twice_rejected_at_second_occurrence(data, doc, pad, via_loader):
+    """The same item twice (same key, or the same id zero-padded) -- not silently merged or overwritten."""
+    entries = data.draw(attr_entries(doc.n_items, min_size=1))
+    src = data.draw(st.integers(0, len(entries) - 1))
+    key = pad + entries[src][0]
+    at = data.draw(st.integers(0, len(entries)))
+    entries.insert(at, (key, data.draw(st.lists(st.integers(0, 30), max_size=3))))
+    first, second = sorted([at, src if src < at else src + 1])
+    err = attrs_error(doc, render_attrs(entries), via_loader)
+    check_error(err, file="item2attributes.json", line=second + 2, value=entries[second][0])
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Known bugs: correct behaviour, still failing (strict xfail -> fails loudly once fixed; then drop the marker)
+# Formerly-leaking corrupt inputs: each must now be one DataFormatError
 # ---------------------------------------------------------------------------------------------------------
 def _npy_with_header(header: str, n: int = 3, d: int = 2) -> bytes:
     h = header.encode("latin1")
@@ -754,18 +796,14 @@ def _npz_bytes() -> bytes:
 @pytest.mark.parametrize(
     "blob",
     [
-        pytest.param(_npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }"), id="valid-control"),
+        pytest.param(_npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 2), }"),
+                     id="valid-control"),
         pytest.param(_npy_with_header("{'descr': '<f4', 'fortran_order': False, 'shape': ((3, 2), }"),
-                     id="unbalanced-paren-header", marks=pytest.mark.xfail(
-                         strict=True, reason="BUG: tokenize.TokenError escapes read_feature (catches only "
-                                             "ValueError/OSError/EOFError)")),
+                     id="unbalanced-paren-header"),
         pytest.param(_npy_with_header("{'descr': '<f4', b'fortran_order': False, 'shape': (3, 2), }"),
-                     id="bytes-key-header", marks=pytest.mark.xfail(
-                         strict=True, reason="BUG: TypeError from numpy's header check escapes read_feature")),
-        pytest.param(_npz_bytes(), id="npz-saved-as-npy", marks=pytest.mark.xfail(
-            strict=True, reason="BUG: np.load returns an NpzFile; AttributeError '.ndim' escapes read_feature")),
-        pytest.param(b"PK\x03\x04" + b"\x00" * 40, id="zip-magic-garbage", marks=pytest.mark.xfail(
-            strict=True, reason="BUG: zipfile.BadZipFile escapes read_feature")),
+                     id="bytes-key-header"),
+        pytest.param(_npz_bytes(), id="npz-saved-as-npy"),
+        pytest.param(b"PK\x03\x04" + b"\x00" * 40, id="zip-magic-garbage"),
     ],
 )
 def test_corrupt_npy_only_raises_data_format_error(tmp_path, blob):
@@ -779,24 +817,18 @@ def test_corrupt_npy_only_raises_data_format_error(tmp_path, blob):
         assert arr.shape == (3, 2)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError,
-                   reason="BUG: an attribute id beyond int64 makes np.fromiter raise OverflowError")
 def test_attribute_id_beyond_int64_rejected(tmp_path):
     p = tmp_path / "item2attributes.json"
     p.write_text('{"1": [0],\n"2": [100000000000000000000]}\n')
     check_error(raised(read_attributes, p, 3), file="item2attributes.json", line=2)
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="BUG: read_attributes decodes UTF-8 outside any handler; UnicodeDecodeError escapes")
 def test_attribute_file_not_utf8_rejected(tmp_path):
     p = tmp_path / "item2attributes.json"
     p.write_bytes(b'{"1": [0],\n"2": [1]}\xff\n')
     check_error(raised(read_attributes, p, 3), file="item2attributes.json", line=2)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError,
-                   reason="BUG: deeply nested JSON raises RecursionError from json.loads (not caught)")
 def test_attribute_deeply_nested_json_rejected(tmp_path):
     p = tmp_path / "item2attributes.json"
     p.write_text("[" * 100_000)
@@ -804,34 +836,12 @@ def test_attribute_deeply_nested_json_rejected(tmp_path):
     assert Path(err.path).name == "item2attributes.json"
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="BUG: read_item_texts decodes UTF-8 outside any handler; UnicodeDecodeError escapes")
 def test_items_tsv_not_utf8_rejected(tmp_path):
     p = tmp_path / "items.tsv"
     p.write_bytes(b"1\tok\n2\tbad \xff byte\n")
     check_error(raised(read_item_texts, p, 3), file="items.tsv", line=2)
 
 
-@pytest.mark.parametrize("key", ["\u0663", "1_0", " 2"])
-@pytest.mark.xfail(strict=True, reason="BUG: attribute keys go through int(), which accepts Unicode digits, "
-                                       "underscores and surrounding spaces; sequences.txt rejects them")
-def test_attribute_key_must_be_plain_ascii_integer(tmp_path, key):
-    p = tmp_path / "item2attributes.json"
-    p.write_text("{\n" + json.dumps(key, ensure_ascii=False) + ": [1]\n}\n", encoding="utf-8")
-    check_error(raised(read_attributes, p, 20), file="item2attributes.json", line=2, value=key)
-
-
-@pytest.mark.parametrize("key", ["\u0663", "1_0", " 2"])
-@pytest.mark.xfail(strict=True, reason="BUG: items.tsv ids go through int(), which accepts Unicode digits, "
-                                       "underscores and surrounding spaces; sequences.txt rejects them")
-def test_items_tsv_id_must_be_plain_ascii_integer(tmp_path, key):
-    p = tmp_path / "items.tsv"
-    p.write_text(f"{key}\ttext\n", encoding="utf-8")
-    check_error(raised(read_item_texts, p, 20), file="items.tsv", line=1, value=key)
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: DataFormatError omits '(value: ...)' when the value is None, so "
-                                       "an attribute value of JSON null is not shown")
 def test_attribute_null_value_is_named(tmp_path):
     p = tmp_path / "item2attributes.json"
     p.write_text('{\n"1": [0],\n"2": null\n}\n')
