@@ -14,7 +14,9 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]),
+    # the top-level kernels/ folder is the hellm_ds.kernels package (a bare `kernels` would clash on import)
+    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]) + ["hellm_ds.kernels"],
+    package_dir={"hellm_ds.kernels": "kernels"},
     install_requires=[
         "torch>=2.3",
         "deepspeed>=0.15",
@@ -25,7 +27,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "hypothesis>=6.90"],
+        # triton: CUDA builds of torch bring it; CPU tests run its kernels under TRITON_INTERPRET=1
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0"],
         # Optional SpMM backend; PyPI ships only its source: build with --no-build-isolation against torch.
         "torch-sparse": ["torch-sparse>=0.6.18"],
     },

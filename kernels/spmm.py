@@ -1,0 +1,103 @@
+"""One SpMM with a fused epilogue, three backends (no autograd here; see ``kernels.autograd``):
+
+    out = rs ⊙ (A · (cs ⊙ X)) − c ⊙ Z ;   layer_sum += out        (rs, cs, c, Z, layer_sum optional)
+
+Backends:
+- ``triton``: ``kernels.spmm_triton`` — CUDA tensors (CPU tensors too under ``TRITON_INTERPRET=1``, for tests);
+- ``torch``: ``torch.sparse`` CSR ``@`` (cuSPARSE on GPU, MKL on CPU) plus elementwise ops — the reference;
+- ``torch_sparse``: ``torch_sparse.matmul`` when the optional package is installed.
+``auto`` picks Triton for CUDA tensors and ``torch`` otherwise.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from hellm_ds.graph.csr import CSR
+
+BACKENDS = ("auto", "triton", "torch", "torch_sparse")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def torch_sparse_available() -> bool:
+    return importlib.util.find_spec("torch_sparse") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, X: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown SpMM backend {backend!r}; choose from {BACKENDS}")
+    if backend == "auto":
+        return "triton" if X.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' requested but triton is not installed")
+        if not X.is_cuda and not triton_interpreted():
+            raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+    if backend == "torch_sparse" and not torch_sparse_available():
+        raise RuntimeError("backend 'torch_sparse' requested but torch_sparse is not installed "
+                           "(pip install torch-sparse --no-build-isolation)")
+    return backend
+
+
+def _epilogue_torch(Y, row_scale, diag, Z, layer_sum, out):
+    if row_scale is not None:
+        Y = Y * row_scale.to(Y.dtype)[:, None]
+    if diag is not None:
+        Y = Y - diag.to(Y.dtype)[:, None] * Z.to(Y.dtype)
+    if out is not None:
+        out.copy_(Y)
+        Y = out
+    if layer_sum is not None:
+        layer_sum.add_(Y.to(layer_sum.dtype))
+    return Y
+
+
+def _compute_dtype(X: torch.Tensor) -> torch.dtype:
+    # MKL and cuSPARSE have no bf16/fp16 CSR SpMM on every build: accumulate in fp32 (as the Triton kernel does)
+    return X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _scaled_input(X, col_scale):
+    dt = _compute_dtype(X)
+    Xc = X.to(dt)
+    return Xc * col_scale.to(dt)[:, None] if col_scale is not None else Xc
+
+
+def spmm_torch(A: CSR, X, row_scale=None, col_scale=None, diag=None, Z=None, layer_sum=None, out=None):
+    Xc = _scaled_input(X, col_scale)
+    Y = _epilogue_torch(A.torch_sparse_csr(Xc.dtype) @ Xc, row_scale, diag, Z, layer_sum, out)
+    return Y.to(X.dtype)
+
+
+def spmm_torch_sparse(A: CSR, X, row_scale=None, col_scale=None, diag=None, Z=None, layer_sum=None, out=None):
+    import torch_sparse
+
+    if "torch_sparse" not in A._cache:
+        A._cache["torch_sparse"] = torch_sparse.SparseTensor(
+            rowptr=A.indptr.long(), col=A.indices.long(), value=A.values, sparse_sizes=A.shape, is_sorted=True)
+    Xc = _scaled_input(X, col_scale)
+    Y = _epilogue_torch(torch_sparse.matmul(A._cache["torch_sparse"], Xc), row_scale, diag, Z, layer_sum, out)
+    return Y.to(X.dtype)
+
+
+def spmm(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=None, Z=None, layer_sum=None,
+         out=None, backend: str = "auto") -> torch.Tensor:
+    """Dispatch ``out = rs ⊙ (A · (cs ⊙ X)) − c ⊙ Z`` (and ``layer_sum += out``) to a backend."""
+    if (diag is None) != (Z is None):
+        raise ValueError("diag and Z go together")
+    b = resolve_backend(backend, X)
+    if b == "triton":
+        from hellm_ds.kernels.spmm_triton import spmm_triton
+
+        return spmm_triton(A, X, row_scale, col_scale, diag, Z, layer_sum, out)
+    fn = spmm_torch if b == "torch" else spmm_torch_sparse
+    return fn(A, X, row_scale, col_scale, diag, Z, layer_sum, out)
