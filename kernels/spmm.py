@@ -62,8 +62,8 @@ def _epilogue_torch(Y, row_scale, diag, Z, layer_sum, out):
 
 
 def _compute_dtype(X: torch.Tensor) -> torch.dtype:
-    # MKL and cuSPARSE have no bf16/fp16 CSR SpMM on every build: accumulate in fp32 (as the Triton kernel does)
-    return X.dtype if X.dtype in (torch.float32, torch.float64) else torch.float32
+    # cuSPARSE multiplies bf16/fp16 with fp32 accumulation; MKL (CPU) has no half-precision CSR SpMM
+    return X.dtype if X.dtype in (torch.float32, torch.float64) or X.is_cuda else torch.float32
 
 
 def _scaled_input(X, col_scale):

@@ -15,8 +15,9 @@ Work decomposition (one launch, plus one for long rows when there are any):
   ``BLOCK_D``-wide column slab of X gathered at once (short rows: amortises the launch per program);
 - rows with more than ``SEG`` non-zeros ("hubs") are cut into ``SEG``-long segments handled by extra
   programs of the same launch, each writing a partial sum; a second small kernel adds a hub's partials in
-  a fixed order and applies the epilogue. A 10⁵-non-zero row thus spreads over ~10⁵/SEG programs instead of
-  serialising the launch, and no atomics are used anywhere: results are bit-identical run to run.
+  a fixed order and applies the epilogue. A row of n non-zeros spreads over ~sqrt(n/32) programs (10⁵ → 56,
+  10⁶ → 177) instead of serialising the launch, and no atomics are used anywhere: results are bit-identical
+  run to run.
 
 The PyTorch reference beside it is ``kernels.spmm.spmm_torch``; ``tests/kernels/test_spmm_triton.py``
 compares the two against a float64 dense product.
@@ -80,7 +81,7 @@ def _spmm_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stri
     mask_d = offs_d < D
     if pid < n_groups:
         for i in range(GROUP):
-            row = pid * GROUP + i
+            row = pid.to(tl.int64) * GROUP + i  # int64: row * stride can pass 2³¹ at 10M+ rows
             if row < n_rows:
                 lo = tl.load(indptr_ptr + row).to(tl.int64)
                 hi = tl.load(indptr_ptr + row + 1).to(tl.int64)
@@ -142,13 +143,17 @@ def make_plan(A: CSR, seg: int | None = None, group: int | None = None) -> SpmmP
     if group is None:  # aim for ~128 non-zeros of work per program on short rows
         group = int(min(16, max(1, round(128 / mean))))
     hubs = torch.nonzero(nnz_row > seg).flatten()
-    n_seg = (nnz_row[hubs] + seg - 1) // seg
+    hub_nnz = nnz_row[hubs]
+    # A hub of n non-zeros gets about sqrt(n / 32) segments (never shorter than `seg`): segment programs and
+    # the serial reduction of their partials then take balanced time, even for a row with millions.
+    n_seg = torch.minimum((hub_nnz + seg - 1) // seg, torch.sqrt(hub_nnz / 32.0).ceil().long().clamp_min(2))
+    seg_len = (hub_nnz + n_seg - 1) // n_seg
     hub_first = torch.zeros(hubs.numel() + 1, dtype=torch.int64, device=A.device)
     torch.cumsum(n_seg, 0, out=hub_first[1:])
     seg_row = torch.repeat_interleave(hubs, n_seg)
     within = torch.arange(int(hub_first[-1]), device=A.device) - torch.repeat_interleave(hub_first[:-1], n_seg)
-    start = A.indptr.long()[seg_row] + within * seg
-    end = torch.minimum(start + seg, A.indptr.long()[seg_row + 1])
+    start = A.indptr.long()[seg_row] + within * torch.repeat_interleave(seg_len, n_seg)
+    end = torch.minimum(start + torch.repeat_interleave(seg_len, n_seg), A.indptr.long()[seg_row + 1])
     return SpmmPlan(group, seg, (n_rows + group - 1) // group, start, end, hubs, hub_first)
 
 

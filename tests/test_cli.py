@@ -58,3 +58,15 @@ def test_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_build_graphs_prints_sizes_and_caches(synth_dir, tmp_path):
+    rc, out, err = run_cli("build-graphs", "--data", str(synth_dir), "--out", str(tmp_path), "--knn-k", "4",
+                           "--modalities", "image,attributes")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["modalities"] == ["image", "attributes"] and res["nnz_H"] == 4 * 2 * res["items"]
+    assert res["rrt_nnz"] > res["nnz_R"] and res["two_stage_nnz_u2u"] == 2 * res["nnz_R"]
+    assert (tmp_path / res["cache"].split("/")[-1]).is_file()
+    rc, _, err = run_cli("build-graphs", "--data", str(synth_dir), "--out", str(tmp_path), "--modalities", "audio")
+    assert rc == 2 and "unknown modality" in err

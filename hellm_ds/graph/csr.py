@@ -6,12 +6,21 @@ value array at all.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 INT32_LIMIT = 2**31 - 1
+
+
+def sparse_csr_tensor(indptr, indices, values, shape) -> torch.Tensor:
+    """``torch.sparse_csr_tensor`` without its "beta state" warning on every construction."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
+        return torch.sparse_csr_tensor(indptr, indices, values, shape)
 
 
 def index_dtype(nnz: int, shape: tuple[int, int]) -> torch.dtype:
@@ -54,23 +63,16 @@ class CSR:
         return CSR(torch.from_numpy(indptr).to(dt), torch.from_numpy(cols).to(dt), tuple(shape), vals)
 
     def transpose(self) -> "CSR":
-        """CSR of the transpose (equivalently, CSC of this matrix), by a stable counting sort: O(nnz)."""
-        indptr = self.indptr.cpu().numpy().astype(np.int64)
-        cols = self.indices.cpu().numpy().astype(np.int64)
-        rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(indptr))
-        order = np.argsort(cols, kind="stable")  # rows stay sorted within each column
-        counts = np.bincount(cols, minlength=self.shape[1])
-        t_indptr = np.zeros(self.shape[1] + 1, dtype=np.int64)
-        np.cumsum(counts, out=t_indptr[1:])
+        """CSR of the transpose (equivalently, CSC of this matrix), by a stable sort of the column indices,
+        on the matrix's own device (the GPU sorts 10⁸ non-zeros in well under a second)."""
+        order = torch.sort(self.indices, stable=True).indices  # rows stay sorted within each column
         shape = (self.shape[1], self.shape[0])
         dt = index_dtype(self.nnz, shape)
-        vals = None if self.values is None else self.values[torch.from_numpy(order).to(self.values.device)]
-        return CSR(
-            torch.from_numpy(t_indptr).to(dt).to(self.device),
-            torch.from_numpy(rows[order]).to(dt).to(self.device),
-            shape,
-            vals,
-        )
+        rows = torch.repeat_interleave(torch.arange(self.shape[0], device=self.device, dtype=dt), self.row_nnz())
+        t_indptr = torch.zeros(self.shape[1] + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(torch.bincount(self.indices, minlength=self.shape[1]), 0, out=t_indptr[1:])
+        vals = None if self.values is None else self.values[order]
+        return CSR(t_indptr.to(dt), rows[order], shape, vals)
 
     def to(self, device) -> "CSR":
         device = torch.device(device)
@@ -92,5 +94,5 @@ class CSR:
         key = ("torch_csr", dtype)
         if key not in self._cache:
             v = torch.ones(self.nnz, dtype=dtype, device=self.device) if self.values is None else self.values.to(dtype)
-            self._cache[key] = torch.sparse_csr_tensor(self.indptr, self.indices, v, self.shape)
+            self._cache[key] = sparse_csr_tensor(self.indptr, self.indices, v, self.shape)
         return self._cache[key]

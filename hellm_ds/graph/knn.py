@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from hellm_ds.data.dataset import Modality
-from hellm_ds.graph.csr import CSR
+from hellm_ds.graph.csr import CSR, sparse_csr_tensor
 
 
 def _normalised_keys(mod: Modality, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, zero_mask): L2-normalised item vectors (dense, or sparse CSR for multi-hot) and which are 0."""
     if mod.dense is not None:
-        x = torch.from_numpy(np.asarray(mod.dense)).to(device, torch.float32)
+        x = torch.tensor(mod.dense, dtype=torch.float32, device=device)  # a copy: the array is read-only
         norm = x.norm(dim=1)
         zero = norm == 0
         return x / torch.where(zero, 1.0, norm)[:, None], zero
@@ -25,7 +25,7 @@ def _normalised_keys(mod: Modality, device: torch.device) -> tuple[torch.Tensor,
     counts = torch.from_numpy(np.diff(mh.indptr)).to(device)
     zero = counts == 0
     vals = torch.repeat_interleave(counts.float().clamp_min(1).rsqrt(), counts)
-    keys = torch.sparse_csr_tensor(
+    keys = sparse_csr_tensor(
         torch.from_numpy(mh.indptr).to(device), torch.from_numpy(mh.indices).to(device), vals,
         (int(counts.numel()), mh.dim),
     )
