@@ -5,6 +5,8 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds stats --data DIR
     hellm-ds baseline popularity --data DIR
     hellm-ds build-graphs --data DIR --out DIR [--knn-k 10] [--modalities image,text]
+    hellm-ds pretrain-graph --data DIR --out DIR [--preset toys] [--epochs N] [--time-budget SECONDS]
+    hellm-ds pretrain-seq --data DIR --out DIR [--epochs N] [--time-budget SECONDS]
 """
 from __future__ import annotations
 
@@ -104,6 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="device for the kNN search (default: cuda if available)")
     p.add_argument("--no-exact", action="store_true", help="skip counting nnz(R Rᵀ), nnz(H Hᵀ) exactly")
     p.set_defaults(func=cmd_build_graphs)
+
+    from hellm_ds.pretrain import train_graph
+
+    train_graph.add_cli(sub)
+    try:  # stage 1b registers itself the same way
+        from hellm_ds.pretrain import train_sasrec
+    except ImportError:
+        train_sasrec = None
+    if train_sasrec is not None:
+        train_sasrec.add_cli(sub)
     return parser
 
 

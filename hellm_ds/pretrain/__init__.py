@@ -1,0 +1,1 @@
+"""Stage 1: hypergraph pre-training (MMHCL) and sequential item embeddings (SASRec)."""

@@ -1,0 +1,1 @@
+"""Small pieces every training stage shares: run logs, atomic checkpoints, safetensors export, early stop."""
