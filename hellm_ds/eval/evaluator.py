@@ -13,6 +13,7 @@ parameters collectively in every forward); the filler samples are not counted.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Iterable
 
 import numpy as np
@@ -54,6 +55,7 @@ def evaluate(
     if lockstep:  # every rank runs as many batches as the largest shard needs
         n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
     acc = {p: MetricAccumulator(ks) for p in protocols}
+    tie_sum, tie_users = 0.0, 0
     if item_vectors is not None:
         item_vectors = item_vectors.to(device)
         item_bias = None if item_bias is None else item_bias.to(device)
@@ -71,6 +73,12 @@ def evaluate(
             ranks = rank_targets_from_scores(out, batch["targets"], history)
         for p in protocols:
             acc[p].add(ranks[p][:n_real])
+        tie_sum += float(ranks["ties"][:n_real].sum()) / max(dataset.n_items - 1, 1)
+        tie_users += n_real
+    if tie_users and tie_sum / tie_users > 0.5:
+        warnings.warn(f"{split}: on average the target ties with {100 * tie_sum / tie_users:.0f}% of the catalogue; "
+                      "ties count in the target's favour, so these metrics are meaningless (collapsed scores?)",
+                      stacklevel=2)
     return {p: acc[p].result() for p in protocols}
 
 

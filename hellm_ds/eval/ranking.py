@@ -27,19 +27,20 @@ def _count_higher(
     target_scores: torch.Tensor,  # [B]
     targets: torch.Tensor,  # [B] item ids
     history: torch.Tensor | None,  # [B, L] item ids, 0 = padding
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(count for ``paper``, count for ``filtered`` or None) of items in this chunk above each target."""
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(count for ``paper``, count for ``filtered`` or None, items tied with the target) in this chunk."""
     higher = ~(scores <= target_scores[:, None])  # NaN scores count as higher
     rows = torch.arange(scores.shape[0], device=scores.device)
     in_chunk = (targets >= lo) & (targets < lo + scores.shape[1])
+    tied = _row_count(scores == target_scores[:, None]) - in_chunk.long()
     higher[rows[in_chunk], targets[in_chunk] - lo] = False  # the target never outranks itself
     paper = _row_count(higher)
     if history is None:
-        return paper, None
+        return paper, None, tied
     hist_in = (history >= lo) & (history < lo + scores.shape[1]) & (history > 0)
     r, c = hist_in.nonzero(as_tuple=True)
     higher[r, history[r, c] - lo] = False
-    return paper, _row_count(higher)
+    return paper, _row_count(higher), tied
 
 
 def _row_count(mask: torch.Tensor) -> torch.Tensor:
@@ -66,17 +67,19 @@ def rank_targets(
         t_score = t_score + item_bias[targets]
     chunk = max(1, chunk_elems // max(B, 1))
     paper = torch.zeros(B, dtype=torch.long, device=user_vectors.device)
+    tied = torch.zeros_like(paper)
     filtered = torch.zeros_like(paper) if history is not None else None
     for lo in range(1, n_items + 1, chunk):
         hi = min(lo + chunk, n_items + 1)
         s = user_vectors @ item_vectors[lo:hi].to(user_vectors.dtype).T
         if item_bias is not None:
             s = s + item_bias[lo:hi]
-        p, f = _count_higher(s, lo, t_score, targets, history)
+        p, f, t = _count_higher(s, lo, t_score, targets, history)
         paper += p
+        tied += t
         if filtered is not None:
             filtered += f
-    return _finish(paper, filtered, t_score, targets, history, n_items)
+    return _finish(paper, filtered, tied, t_score, targets, history, n_items)
 
 
 def rank_targets_from_scores(
@@ -88,14 +91,16 @@ def rank_targets_from_scores(
     n_items = scores.shape[1] - 1
     targets = targets.to(scores.device)
     t_score = scores.gather(1, targets[:, None])[:, 0]
-    paper, filtered = _count_higher(scores[:, 1:], 1, t_score, targets, history)
-    return _finish(paper, filtered, t_score, targets, history, n_items)
+    paper, filtered, tied = _count_higher(scores[:, 1:], 1, t_score, targets, history)
+    return _finish(paper, filtered, tied, t_score, targets, history, n_items)
 
 
-def _finish(paper, filtered, t_score, targets, history, n_items) -> dict[str, torch.Tensor]:
+def _finish(paper, filtered, tied, t_score, targets, history, n_items) -> dict[str, torch.Tensor]:
+    """Ranks per protocol, plus ``"ties"``: how many other items score exactly like the target (a model
+    whose scores collapse to a constant would otherwise look perfect; the evaluator warns about it)."""
     nan = torch.isnan(t_score)
     paper = torch.where(nan, n_items, paper)
-    out = {"paper": paper}
+    out = {"paper": paper, "ties": tied}
     if filtered is not None:
         masked_target = (history == targets[:, None]).any(1)
         out["filtered"] = torch.where(nan | masked_target, n_items, filtered)

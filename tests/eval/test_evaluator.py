@@ -84,3 +84,11 @@ def test_two_ranks_equal_one(synth_dir, tmp_path):
     c0, c1 = np.load(tmp_path / "calls0.npy"), np.load(tmp_path / "calls1.npy")
     assert len(c0) == len(c1)  # lockstep: same number of forward passes on every rank
     assert c0.sum() + c1.sum() >= len(ds.split("valid"))
+
+
+def test_collapsed_scores_are_flagged(synth_dir):
+    ds = load_dataset(synth_dir)
+    items = torch.zeros(ds.n_items + 1, 4)
+    with pytest.warns(UserWarning, match="meaningless"):
+        res = evaluate(ds, "test", lambda b: torch.zeros(b["users"].numel(), 4), item_vectors=items, progress=False)
+    assert res["paper"]["Recall@5"] == 1.0  # ties in the target's favour, as documented: hence the warning

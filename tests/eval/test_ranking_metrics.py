@@ -95,6 +95,7 @@ def test_ties_count_in_targets_favour():
     scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 2.0]])  # item 0 is padding
     ranks = rank_targets_from_scores(scores, torch.tensor([2]))
     assert ranks["paper"].item() == 1  # only item 4 is strictly higher
+    assert ranks["ties"].item() == 2  # items 1 and 3 score like the target
 
 
 def test_filtered_masks_history_but_paper_does_not():
