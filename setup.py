@@ -20,7 +20,7 @@ setup(
     install_requires=[
         "torch>=2.3",
         "deepspeed>=0.15",
-        "transformers>=4.44",
+        "transformers>=5.0",  # hellm_ds.llm uses the 5.x cache and attention interfaces
         "peft>=0.12",
         "numpy>=1.24",
         "safetensors>=0.4",

@@ -1,0 +1,151 @@
+"""Configuration of the stage-2 model (METHOD §5): one flat dataclass, plus the table of config-built sizes.
+
+``HeLLMConfig`` holds every switch of the model; nothing else in ``hellm_ds.llm`` has defaults of its own::
+
+    cfg = HeLLMConfig(model="tiny")                         # random-init LLaMA from MODEL_SIZES["tiny"]
+    cfg = HeLLMConfig(model="/ckpt/Llama-2-7b-hf")          # a local HF checkpoint directory (never the hub)
+    cfg = HeLLMConfig(prefix_mode="off")                    # ablation: no graph-conditioned prefix
+    cfg = HeLLMConfig(trainable_scope="full", dtype="bfloat16")
+
+Fields (defaults = METHOD §5 / the authors' values):
+
+- ``model``: a name in ``MODEL_SIZES`` (a random-init ``LlamaForCausalLM`` built from a ``LlamaConfig``, with
+  the offline word-level tokenizer of ``backbone.build_offline_tokenizer``) or a local checkpoint directory of
+  a LLaMA-family causal LM (LLaMA, Mistral, Qwen2: ``model.layers[i].self_attn.{q,k,v,o}_proj``,
+  ``mlp.{gate,up,down}_proj``).
+- ``attn_implementation``: ``sdpa`` | ``eager`` | ``flash_attention_2`` | … (passed to transformers).
+- ``dtype``: ``auto`` (bfloat16 on CUDA, float32 on CPU) | ``bfloat16`` | ``float32`` | ``float16``. Every
+  parameter of the model, trainable or frozen, is created in this one dtype (ZeRO-3 partitions parameters of
+  one dtype; the fp32 master copy lives in the optimiser).
+- ``prefix_len`` L_p, ``prefix_mode``: ``hidden`` (METHOD: norm(P_k[ℓ] + k) through the layer's own frozen
+  ``k_proj``/``v_proj``, inside the layer), ``kv`` (per-layer, per-kv-head prefix keys/values learned directly
+  in key/value space; the Gram context is mapped to key/value width), ``off`` (ablation: no prefix).
+- ``gram_hidden``: hidden width of the Gram MLPs d²→gram_hidden→out (None = H), ``prefix_dropout`` (0.3).
+- ``projector_hidden``: hidden width of the soft-token projector [g‖s]→hidden→H (None = H).
+- ``lora_r`` (0 = no LoRA), ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (module-name suffixes).
+- ``trainable_scope``: ``lora`` (METHOD: LoRA + projector + prefix encoder + head train, the backbone is
+  frozen) | ``full`` (the backbone trains too).
+- ``instruction`` / ``response``: the prompt text around the soft item tokens (tokenised once).
+- ``gradient_checkpointing``: HF activation checkpointing of the decoder layers (non-reentrant).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+
+from hellm_ds.errors import UsageError
+
+PrefixMode = Literal["hidden", "kv", "off"]
+TrainableScope = Literal["lora", "full"]
+
+PREFIX_MODES = ("hidden", "kv", "off")
+TRAINABLE_SCOPES = ("lora", "full")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+# METHOD §5: an Alpaca-style template; the soft item tokens go between the two texts.
+INSTRUCTION = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\nGiven the user's purchase history, predict next possible item to be purchased.\n\n"
+    "### Input:\n"
+)
+RESPONSE = "\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Shape of a config-built LLaMA. ``vocab_size`` None = the offline tokenizer's vocabulary."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int | None = None
+    max_position_embeddings: int = 2048
+
+
+MODEL_SIZES: dict[str, ModelSize] = {
+    "tiny": ModelSize(64, 2, 4, 2, 128, max_position_embeddings=512),  # unit tests
+    "small": ModelSize(256, 4, 8, 4, 688, max_position_embeddings=1024),  # trains on a CPU in minutes
+    "llama-7b-shape": ModelSize(4096, 32, 32, 32, 11008, vocab_size=32000, max_position_embeddings=4096),
+}
+
+
+@dataclass(frozen=True)
+class HeLLMConfig:
+    model: str = "tiny"
+    attn_implementation: str = "sdpa"
+    dtype: str = "auto"
+    # graph-conditioned prefix
+    prefix_len: int = 10
+    prefix_mode: PrefixMode = "hidden"
+    gram_hidden: int | None = None
+    prefix_dropout: float = 0.3
+    # soft item tokens
+    projector_hidden: int | None = None
+    # LoRA
+    lora_r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # what trains
+    trainable_scope: TrainableScope = "lora"
+    # prompt
+    instruction: str = INSTRUCTION
+    response: str = RESPONSE
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.lora_targets, (list, str)):  # from JSON / CLI
+            targets = (self.lora_targets,) if isinstance(self.lora_targets, str) else tuple(self.lora_targets)
+            object.__setattr__(self, "lora_targets", targets)
+        if self.prefix_mode not in PREFIX_MODES:
+            raise UsageError(f"prefix_mode must be one of {PREFIX_MODES}, got {self.prefix_mode!r}")
+        if self.trainable_scope not in TRAINABLE_SCOPES:
+            raise UsageError(
+                f"trainable_scope must be one of {TRAINABLE_SCOPES}, got {self.trainable_scope!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UsageError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.prefix_mode != "off" and self.prefix_len < 1:
+            raise UsageError(
+                f"prefix_len must be ≥ 1 with prefix_mode={self.prefix_mode!r}, got {self.prefix_len}")
+        if self.lora_r < 0:
+            raise UsageError(f"lora_r must be ≥ 0 (0 = no LoRA), got {self.lora_r}")
+        if self.lora_r > 0 and not self.lora_targets:
+            raise UsageError("lora_targets is empty; set lora_r=0 for no LoRA")
+        for name in ("prefix_dropout", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("gram_hidden", "projector_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"{name} must be ≥ 1 or None, got {getattr(self, name)}")
+        if not self.instruction.strip() or not self.response.strip():
+            raise UsageError("instruction and response texts must not be empty")
+
+    @property
+    def prefix_on(self) -> bool:
+        return self.prefix_mode != "off"
+
+    def torch_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
+        """The one parameter dtype: ``auto`` = bfloat16 on CUDA, float32 elsewhere."""
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HeLLMConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise UsageError(f"unknown HeLLMConfig field(s) {unknown}")
+        return cls(**d)
