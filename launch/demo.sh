@@ -6,17 +6,20 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/launch/setup_env.sh"
+# One intra-op thread per process: on 2 shared cores, two spinning OpenMP threads are many times slower.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 out="${1:-$root/runs/demo}"
 mkdir -p "$out"
 hellm-ds synth --out "$out/data" --users 2000 --items 500 --seed 0 --overwrite > "$out/synth.json"
 hellm-ds stats --data "$out/data" | tee "$out/stats.json"
 hellm-ds baseline popularity --data "$out/data" --quiet > "$out/popularity.json"
 echo "stage 1: graph pre-training (MMHCL) ..." >&2
-hellm-ds pretrain-graph --data "$out/data" --out "$out/graph" --epochs 60 --eval-every 5 --batch-size 512 --quiet \
-  > "$out/graph.json"
+hellm-ds pretrain-graph --data "$out/data" --out "$out/graph" --epochs 30 --eval-every 5 --batch-size 512 \
+  --time-budget 150 --quiet > "$out/graph.json"
 if hellm-ds pretrain-seq --help > /dev/null 2>&1; then
   echo "stage 1b: sequential pre-training (SASRec) ..." >&2
-  hellm-ds pretrain-seq --data "$out/data" --out "$out/seq" --epochs 60 --quiet > "$out/seq.json"
+  hellm-ds pretrain-seq --data "$out/data" --out "$out/seq" --epochs 20 --eval-every 2 --time-budget 150 --quiet \
+    > "$out/seq.json"
 fi
 python - "$out" <<'PY'
 import json, sys
