@@ -10,6 +10,7 @@ Backends:
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -24,8 +25,14 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.lru_cache(maxsize=None)
 def torch_sparse_available() -> bool:
-    return importlib.util.find_spec("torch_sparse") is not None
+    """Importable, not merely installed: torch_sparse also needs torch_scatter built against this torch."""
+    try:
+        import torch_sparse  # noqa: F401
+    except Exception:  # ImportError, or an ABI mismatch surfacing as OSError/RuntimeError
+        return False
+    return True
 
 
 def triton_interpreted() -> bool:
@@ -43,8 +50,8 @@ def resolve_backend(backend: str, X: torch.Tensor) -> str:
         if not X.is_cuda and not triton_interpreted():
             raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
     if backend == "torch_sparse" and not torch_sparse_available():
-        raise RuntimeError("backend 'torch_sparse' requested but torch_sparse is not installed "
-                           "(pip install torch-sparse --no-build-isolation)")
+        raise RuntimeError("backend 'torch_sparse' requested but torch_sparse cannot be imported (pip install "
+                           "torch-scatter torch-sparse --no-build-isolation, against the installed torch)")
     return backend
 
 

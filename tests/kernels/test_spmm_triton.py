@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hellm_ds.graph.csr import CSR
-from hellm_ds.kernels.spmm import spmm
+from hellm_ds.kernels.spmm import spmm, torch_sparse_available
 from tests.conftest import random_csr
 
 triton = pytest.importorskip("triton")
@@ -33,7 +33,7 @@ def test_spmm_matches_dense(d, values):
     A, dense = random_csr(23, 17, 0.25, seed=d, hub_row=4, empty_rows=(0, 9), values=values)
     small_plan(A)
     X = torch.randn(17, d, dtype=torch.float64)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
         Y = spmm(A, X, backend=backend)
         torch.testing.assert_close(Y, reference(dense, X), rtol=1e-12, atol=1e-12)
 
@@ -45,7 +45,7 @@ def test_fused_epilogue_and_layer_sum(dtype):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(19, 33, generator=g, dtype=dtype)
     rs, cs, diag = (torch.rand(19, generator=g) for _ in range(3))
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
         total = torch.ones(19, 33, dtype=dtype)
         Y = spmm(A, X, row_scale=rs, col_scale=cs, diag=diag, Z=X, layer_sum=total, backend=backend)
         ref = reference(dense, X, rs, cs, diag, X)
