@@ -12,6 +12,7 @@ import torch
 
 from hellm_ds.data.dataset import Modality
 from hellm_ds.graph.csr import CSR, sparse_csr_tensor
+from hellm_ds.utils.device import resolve_device
 
 
 def _normalised_keys(mod: Modality, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +37,7 @@ def knn_incidence(mod: Modality, k: int, block: int = 2048, device: str | torch.
     """The I × I binary top-k matrix A_m of one modality (CSR on the CPU, columns sorted per row)."""
     if k < 1:
         raise ValueError(f"k must be ≥ 1, got {k}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     keys, zero = _normalised_keys(mod, device)
     n = int(zero.numel())
     kk = min(k, n)

@@ -30,6 +30,7 @@ from hellm_ds.eval.evaluator import evaluate_splits
 from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
+from hellm_ds.utils.device import resolve_device
 from hellm_ds.utils.checkpoint import export_tensors, load_state, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.runlog import RunLog
@@ -55,9 +56,6 @@ class GraphTrainConfig:
     eval_batch_size: int = 1024
 
 
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-
 
 class NegativeSampler:
     """Uniform negatives that are not among the user's training items (a few vectorised re-draws)."""
@@ -82,7 +80,7 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
                 progress: bool = True, graphs: Graphs | None = None, cache_dir: str | Path | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if graphs is None:
         graphs = load_or_build(dataset, GraphConfig(knn_k=cfg.knn_k), cache_dir or out / "graph_cache")

@@ -56,6 +56,7 @@ from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
 from hellm_ds.eval.ranking import PROTOCOLS
 from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
+from hellm_ds.utils.device import resolve_device
 from hellm_ds.utils.checkpoint import export_tensors, load_state, load_tensors, read_metadata, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.runlog import RunLog
@@ -127,9 +128,6 @@ _RESUME_FREE = {"epochs", "time_budget", "patience", "eval_every", "device", "nu
 def _trajectory_fields(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
 
-
-def _device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
@@ -219,7 +217,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
     if not resume and ckpt_path.exists():
         raise UsageError(f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, "
                          "or use a new output directory")
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     fork_devices = [device.index or 0] if device.type == "cuda" else []
 
     data = _TrainSequences(dataset)
