@@ -7,6 +7,8 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds build-graphs --data DIR --out DIR [--knn-k 10] [--modalities image,text]
     hellm-ds pretrain-graph --data DIR --out DIR [--preset toys] [--epochs N] [--time-budget SECONDS]
     hellm-ds pretrain-seq --data DIR --out DIR [--epochs N] [--time-budget SECONDS]
+    hellm-ds finetune --data DIR --graph-emb FILE --seq-emb FILE --out OUT [...]   (one process)
+    hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--device auto]
 """
 from __future__ import annotations
 
@@ -72,6 +74,45 @@ def cmd_build_graphs(args) -> dict:
     return {"cache": path, "seconds": round(seconds, 3), **graphs.sizes(exact_products=not args.no_exact)}
 
 
+def cmd_finetune(args) -> dict:
+    """Stage-2 fine-tuning in this one process (a world of one); multi-rank runs use
+    ``deepspeed``/``torchrun launch/finetune.py`` (see ``hellm_ds.train.finetune``)."""
+    import contextlib
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.distributed as dist
+
+    from hellm_ds.train.finetune import FinetuneConfig, TrainingDiverged, finetune
+
+    kwargs = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig) if hasattr(args, f.name)}
+    try:  # stdout carries only the result JSON: DeepSpeed's own prints go to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            res = finetune(FinetuneConfig(**kwargs))
+    except TrainingDiverged as e:
+        print(f"hellm-ds: error: {e}", file=sys.stderr)
+        raise SystemExit(3) from None
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return {k: v for k, v in res.items() if k != "losses"}
+
+
+def cmd_evaluate(args) -> dict:
+    from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.train.evaluate import evaluate_checkpoint, read_adapter_meta, run_max_len
+
+    read_adapter_meta(args.checkpoint)  # a missing/garbled export fails before the dataset is read
+    max_len = args.max_len if args.max_len is not None else (run_max_len(args.checkpoint) or 50)
+    ds = load_dataset(args.data, max_len=max_len)
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    return evaluate_checkpoint(args.checkpoint, ds, splits=splits, batch_size=args.batch_size,
+                               device=args.device, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hellm-ds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"hellm-ds {__version__}")
@@ -116,6 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
         train_sasrec = None
     if train_sasrec is not None:
         train_sasrec.add_cli(sub)
+
+    from hellm_ds.train.finetune import build_parser as finetune_parser
+
+    p = sub.add_parser("finetune", parents=[finetune_parser()], add_help=False, conflict_handler="resolve",
+                       help="stage-2 HeLLM fine-tuning with DeepSpeed, in this one process",
+                       description="Stage-2 HeLLM fine-tuning with DeepSpeed in one process (a world of one; "
+                       "gloo on CPU). Multi-GPU/multi-rank: `deepspeed --num_gpus N launch/finetune.py ...` "
+                       "or `torchrun --nproc_per_node N launch/finetune.py ...` "
+                       "(see hellm_ds.train.finetune).")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("evaluate",
+                       help="full-ranking metrics of an exported fine-tuned HeLLM (OUT of finetune)")
+    p.add_argument("--checkpoint", required=True, help="the fine-tuning run's --out directory")
+    p.add_argument("--data", required=True, help="the run's dataset directory")
+    p.add_argument("--max-len", type=int, default=None,
+                   help="history length (default: the run's, from OUT/log.jsonl; else 50)")
+    p.add_argument("--splits", default="valid,test", help="comma-separated subset of valid,test")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

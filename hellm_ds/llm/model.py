@@ -233,7 +233,9 @@ def build_hellm(cfg: HeLLMConfig, graph_items: torch.Tensor, seq_items: torch.Te
                 init_context=None) -> HeLLM:
     """Backbone (built or loaded, see ``backbone.load_backbone``) + LoRA + prefix + heads, in
     ``cfg.torch_dtype(device)``. ``seed`` makes the random initialisation reproducible without touching the
-    caller's RNG state.
+    caller's RNG state: the backbone is built after ``manual_seed(seed)``, HeLLM's own parameters after
+    ``manual_seed(seed + 1)`` (as ``hellm_ds.train.finetune`` does), so they do not depend on the backbone
+    build.
 
     ``init_context`` (e.g. ``deepspeed.zero.Init(...)`` for a config-built backbone) wraps the *backbone's*
     construction only: HeLLM's own parameters (LoRA, projector, prefix, head) are created whole, so their
@@ -245,5 +247,9 @@ def build_hellm(cfg: HeLLMConfig, graph_items: torch.Tensor, seq_items: torch.Te
         if seed is not None:
             torch.manual_seed(seed)
         decoder, tokenizer = load_backbone(cfg, dtype, init_context=init_context)
+        if seed is not None:
+            # HeLLM's own parameters (LoRA, projector, prefix, head) depend on ``seed`` only, not on how many
+            # random numbers the backbone's construction consumed (ZeRO-3's partitioned build differs)
+            torch.manual_seed(seed + 1)
         model = HeLLM(cfg, decoder, tokenizer, graph_items, seq_items, dtype=dtype)
     return model if device is None else model.to(device)

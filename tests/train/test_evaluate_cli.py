@@ -1,0 +1,94 @@
+"""`hellm-ds evaluate` on a tiny exported fine-tuning run (one ZeRO-3 process, 3 steps) and `hellm-ds finetune`:
+the reloaded export scores what the run recorded; another dataset, another max_len and damaged exports are
+refused with exit status 2 and one line on stderr (no traceback)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hellm_ds.cli import main
+from hellm_ds.train.finetune import ADAPTER_CONFIG, ADAPTER_NAME, RESULTS_NAME
+from tests.train.test_finetune import run, tables  # noqa: F401  (module fixture: stage-1 item tables)
+
+
+@pytest.fixture(scope="module")
+def trained(tables, tmp_path_factory) -> Path:  # noqa: F811
+    out = tmp_path_factory.mktemp("evalrun") / "out"
+    run(tables, out, "--epochs", "1", "--steps-per-epoch", "3")
+    assert (out / ADAPTER_NAME).is_file() and (out / RESULTS_NAME).is_file()
+    return out
+
+
+def _cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_evaluate_matches_recorded_results(trained, tables, capsys):  # noqa: F811
+    data = tables[0]
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", data, "--quiet",
+                        "--batch-size", 64, "--device", "cpu")
+    assert rc == 0, err
+    got = json.loads(out)
+    want = json.loads((trained / RESULTS_NAME).read_text())
+    assert set(got) == {"valid", "test"}
+    for split in ("valid", "test"):
+        assert set(got[split]) == set(want[split]) == {"paper", "filtered"}
+        for proto, metrics in want[split].items():
+            assert set(got[split][proto]) == set(metrics)
+            for k, v in metrics.items():
+                assert got[split][proto][k] == pytest.approx(v, abs=1e-6), (split, proto, k)
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", data, "--quiet",
+                        "--splits", "test", "--max-len", 10)
+    assert rc == 0, err
+    only = json.loads(out)
+    assert set(only) == {"test"}
+    assert only["test"]["paper"]["NDCG@10"] == pytest.approx(got["test"]["paper"]["NDCG@10"], abs=1e-6)
+
+
+def test_evaluate_refuses_other_dataset(trained, tables, tmp_path, capsys):  # noqa: F811
+    from hellm_ds.data.synth import SynthConfig, write_synthetic
+
+    other = write_synthetic(tmp_path / "other", SynthConfig(users=200, items=60, seed=3))
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", other, "--quiet")
+    assert rc == 2 and out == ""
+    assert "items" in err and "Traceback" not in err
+    # the same files with another history length are another dataset (the fingerprint covers max_len)
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", tables[0], "--max-len", 12,
+                        "--quiet")
+    assert rc == 2 and out == "" and "fingerprint" in err
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", tables[0], "--splits", "train")
+    assert rc == 2 and out == ""
+
+
+def test_evaluate_refuses_damaged_export(trained, tables, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / "bad"
+    shutil.copytree(trained, bad, ignore=shutil.ignore_patterns("checkpoints"))
+    blob = (trained / ADAPTER_NAME).read_bytes()
+    (bad / ADAPTER_NAME).write_bytes(blob[: len(blob) // 2])  # truncated
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", bad, "--data", tables[0], "--quiet")
+    assert rc == 2 and out == "" and ADAPTER_NAME in err and "Traceback" not in err
+
+    (bad / ADAPTER_NAME).write_bytes(blob)
+    (bad / ADAPTER_CONFIG).write_text('{"model": {')  # garbled config
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", bad, "--data", tables[0], "--quiet")
+    assert rc == 2 and out == "" and ADAPTER_CONFIG in err
+
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", tmp_path / "missing", "--data", tables[0])
+    assert rc == 2 and out == ""
+
+
+def test_finetune_subcommand_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["finetune", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--graph-emb", "--seq-emb", "--deepspeed_config", "--epochs", "--resume", "launch/finetune.py"):
+        assert flag in out, flag
+    with pytest.raises(SystemExit) as e:  # the trainer's required arguments
+        main(["finetune", "--data", "d"])
+    assert e.value.code == 2
