@@ -149,21 +149,9 @@ def _version(mod: str) -> str | None:
 
 
 def write_json(path: Path, header: dict, records: list[dict], summary: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    from hellm_ds.utils.bench import write_bench_json  # imported late: the script may set up sys.path first
 
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    tmp.write_text(json.dumps(clean({**header, "results": records, "summary": summary}), indent=1,
-                              ensure_ascii=False))
-    os.replace(tmp, path)
+    write_bench_json(path, header, records, summary)
 
 
 def _param_groups(model: torch.nn.Module) -> list[dict]:
