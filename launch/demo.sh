@@ -10,6 +10,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 out="${1:-$root/runs/demo}"
 mkdir -p "$out"
+rm -rf "$out/graph" "$out/seq"  # a demo run starts over (the recipes refuse to overwrite a run without --resume)
 hellm-ds synth --out "$out/data" --users 2000 --items 500 --seed 0 --overwrite > "$out/synth.json"
 hellm-ds stats --data "$out/data" | tee "$out/stats.json"
 hellm-ds baseline popularity --data "$out/data" --quiet > "$out/popularity.json"

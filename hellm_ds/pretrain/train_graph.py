@@ -31,7 +31,7 @@ from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
 from hellm_ds.utils.device import resolve_device
-from hellm_ds.utils.checkpoint import export_tensors, load_state, save_state
+from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.runlog import RunLog
 
@@ -80,6 +80,10 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
                 progress: bool = True, graphs: Graphs | None = None, cache_dir: str | Path | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_export_owner(out / EXPORT_NAME, dataset.fingerprint)
+    ckpt = out / "checkpoint_last.pt"
+    if not resume and ckpt.exists():
+        raise UsageError(f"{ckpt} exists: pass resume=True (--resume) to continue that run, or use a new --out")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if graphs is None:
@@ -92,10 +96,9 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
     pairs_u, pairs_i = torch.from_numpy(users_np), torch.from_numpy(items0_np)
     gen = torch.Generator().manual_seed(cfg.seed)
     stopper = EarlyStopper(cfg.patience)
-    log = RunLog(out)
+    log = RunLog(out, fresh=not resume)
     start_epoch, best_state, best_metrics, elapsed_before = 0, None, None, 0.0
 
-    ckpt = out / "checkpoint_last.pt"
     if resume:
         if not ckpt.is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpt}")

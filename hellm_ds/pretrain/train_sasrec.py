@@ -57,7 +57,7 @@ from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
 from hellm_ds.eval.ranking import PROTOCOLS
 from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
 from hellm_ds.utils.device import resolve_device
-from hellm_ds.utils.checkpoint import export_tensors, load_state, load_tensors, read_metadata, save_state
+from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, load_tensors, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.runlog import RunLog
 
@@ -175,15 +175,6 @@ def _evaluate(model: SASRec, dataset: Dataset, split: str, cfg: SASRecTrainConfi
                         batch_size=cfg.eval_batch_size, device=device, progress=progress)
 
 
-def _check_exports(out: Path, fingerprint: str) -> None:
-    """Fail before training, not after it, when an export from another dataset would be overwritten."""
-    for name in (EXPORT_NAME, MODEL_NAME):
-        path = out / name
-        if path.exists() and read_metadata(path).get("dataset") != fingerprint:
-            raise UsageError(f"{path} was exported from another dataset; refusing to overwrite it "
-                             "(use another --out directory)")
-
-
 def _cpu_copy(state: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
@@ -212,7 +203,8 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         raise UsageError(f"dataset max_len {dataset.max_len} exceeds the model's max_len {cfg.max_len}")
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = dataset.fingerprint
-    _check_exports(out, fingerprint)
+    for name in (EXPORT_NAME, MODEL_NAME):
+        check_export_owner(out / name, fingerprint)
     ckpt_path = out / CHECKPOINT_NAME
     if not resume and ckpt_path.exists():
         raise UsageError(f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, "
@@ -247,7 +239,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         stopper.load_state_dict(st["stopper"])
         epoch, best_state, best_valid = int(st["epoch"]), st["best_state"], st["best_valid"]
 
-    log = RunLog(out)
+    log = RunLog(out, fresh=not resume)
     if resume:
         log.log("resume", step=epoch, epoch=epoch)
     else:

@@ -59,6 +59,14 @@ def export_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
                                                tmp, metadata=meta))
 
 
+def check_export_owner(path: str | Path, dataset_fingerprint: str) -> None:
+    """Fail before training, not after it, when ``path`` holds an export made from another dataset."""
+    path = Path(path)
+    if path.exists() and read_metadata(path).get("dataset") != dataset_fingerprint:
+        raise UsageError(f"{path} was exported from another dataset; refusing to overwrite it "
+                         "(use another --out directory)")
+
+
 def read_metadata(path: str | Path) -> dict:
     path = Path(path)
     try:

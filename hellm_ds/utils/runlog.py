@@ -25,13 +25,17 @@ def _flatten(prefix: str, obj, out: dict) -> None:
 
 
 class RunLog:
-    def __init__(self, out_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, out_dir: str | Path | None, enabled: bool = True, tensorboard: bool = True,
+                 fresh: bool = False):
+        """``fresh=True`` starts a new log (a new run); otherwise records append (a resumed run)."""
         self.enabled = enabled and out_dir is not None
         self.path = None if not self.enabled else Path(out_dir) / "log.jsonl"
         self._tb = None
         self._t0 = time.time()
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                self.path.unlink(missing_ok=True)
             if tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
