@@ -49,10 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -61,6 +58,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -119,28 +122,7 @@ def baseline_batch(batch: dict, prompt_ids: torch.Tensor, resp_ids: torch.Tensor
     return {"input_ids": tok, "attention_mask": full, "position_ids": pos, "targets": batch["targets"]}
 
 
-# ---- helpers (minimal copies of bench_kernels.py's) ---------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def maxrss_mb() -> float:
-    try:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-    except ImportError:
-        return float("nan")
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
+# ---- helpers -------------------------------------------------------------------------------------------
 def _version(mod: str) -> str | None:
     try:
         return __import__(mod).__version__
@@ -341,7 +323,7 @@ def run_method(name: str, setup, args, device, dtype, batches, prompt_len: int, 
             "n_params": n_params, "n_trainable": n_train,
             "mfu": 6.0 * n_params * tok_s / peak_flops,
             "peak_mem_mb": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-                            else maxrss_mb()),
+                            else max_rss_mb()),
             "peak_mem_kind": "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss_cumulative",
             "loss_first": losses[0], "loss_last": losses[-1],
         }

@@ -49,7 +49,6 @@ import datetime as _dt
 import functools
 import gc
 import importlib.util
-import json
 import math
 import os
 import platform
@@ -63,6 +62,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+try:
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,11 +205,6 @@ def _short(n: float) -> str:
 
 
 # ---- measurement ------------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_ms(fn: Callable, device: torch.device, repeats: int, warmup: int) -> list[float]:
     """Per-call times in ms: CUDA events on GPU, ``time.perf_counter`` on CPU, after ``warmup`` calls."""
     for _ in range(warmup):
@@ -245,16 +245,6 @@ def _rss_mb() -> float:
         return float("nan")
 
 
-def _maxrss_mb() -> float:
-    try:
-        import resource
-
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return kb / 1024 if sys.platform != "darwin" else kb / 2**20
-    except ImportError:
-        return float("nan")
-
-
 class MemoryProbe:
     """Peak memory of one method: GPU max allocated (and its excess over what was resident); CPU max RSS."""
 
@@ -277,7 +267,7 @@ class MemoryProbe:
             self.metrics = {"peak_mb": peak / 2**20, "peak_extra_mb": (peak - self.base) / 2**20,
                             "peak_kind": "cuda_max_allocated"}
         else:
-            self.metrics = {"peak_mb": _maxrss_mb(), "rss_delta_mb": _rss_mb() - self.base,
+            self.metrics = {"peak_mb": max_rss_mb(), "rss_delta_mb": _rss_mb() - self.base,
                             "peak_kind": "process_maxrss"}
         return False
 
@@ -720,12 +710,6 @@ def summary_line(s: dict) -> str:
     bad = "" if s["correct"] else "  !! project result failed the correctness check"
     unit = "×" if "speed-up" in s["what"] else ""
     return f"  {s['graph']:<22} {s['what']:<46} {s['value']:7.2f}{unit}  (target {s['target']}: {mark}){bad}"
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
 
 
 def triton_version() -> str | None:
