@@ -23,6 +23,10 @@ Fields (defaults = METHOD §5 / the authors' values):
 - ``gram_hidden``: hidden width of the Gram MLPs d²→gram_hidden→out (None = H), ``prefix_dropout`` (0.3).
 - ``projector_hidden``: hidden width of the soft-token projector [g‖s]→hidden→H (None = H).
 - ``lora_r`` (0 = no LoRA), ``lora_alpha``, ``lora_dropout``, ``lora_targets`` (module-name suffixes).
+- ``item_head``: ``linear`` (METHOD: a trained Linear(H → I+1) on the last hidden state) | ``tied`` (hellm_ds:
+  scores = u · t_i + b_i with t_i the item's own soft token from the projector — the output side shares the
+  input side's weights, as SASRec ties its embedding table; the head then starts from the stage-1 item
+  geometry instead of a random I×H matrix, and only a bias of I+1 is added).
 - ``trainable_scope``: ``lora`` (METHOD: LoRA + projector + prefix encoder + head train, the backbone is
   frozen) | ``full`` (the backbone trains too).
 - ``instruction`` / ``response``: the prompt text around the soft item tokens (tokenised once).
@@ -42,6 +46,7 @@ TrainableScope = Literal["lora", "full"]
 
 PREFIX_MODES = ("hidden", "kv", "off")
 TRAINABLE_SCOPES = ("lora", "full")
+ITEM_HEADS = ("linear", "tied")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 # METHOD §5: an Alpaca-style template; the soft item tokens go between the two texts.
@@ -91,6 +96,8 @@ class HeLLMConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # item scores
+    item_head: str = "linear"
     # what trains
     trainable_scope: TrainableScope = "lora"
     # prompt
@@ -107,6 +114,8 @@ class HeLLMConfig:
         if self.trainable_scope not in TRAINABLE_SCOPES:
             raise UsageError(
                 f"trainable_scope must be one of {TRAINABLE_SCOPES}, got {self.trainable_scope!r}")
+        if self.item_head not in ITEM_HEADS:
+            raise UsageError(f"item_head must be one of {ITEM_HEADS}, got {self.item_head!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UsageError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.prefix_mode != "off" and self.prefix_len < 1:

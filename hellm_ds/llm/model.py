@@ -10,11 +10,13 @@ For a batch from ``NextItemExamples.collate`` (``input_ids`` [B, n] item ids lef
     prefix   = GramPrefixEncoder(g_{i_1..i_n})     L_p keys/values in every layer (see ``prefix``)
     h_b      = decoder(prompt_b, mask, pos, prefix)[last position]         = ``user_vectors``
     logits   = head(h_b) ∈ R^{I+1}, logits[:, 0] = −∞ (padding)           CE against the target item
+             (item_head="tied": logits_i = h_b · t_i + b_i, t_i the item's own soft token)
 
 The instruction and response texts are tokenised once (``instruction`` with the tokenizer's special tokens,
 i.e. BOS; ``response`` without). Because padding is masked and positions skip it, a row's logits do not
-depend on how much padding the batch adds (tested to 1e-5). ``item_vectors = head.weight``,
-``item_bias = head.bias`` rank exactly like ``forward`` for ``hellm_ds.eval.evaluator.evaluate``.
+depend on how much padding the batch adds (tested to 1e-5). ``item_scoring()`` returns ``(item_vectors,
+item_bias)`` (``head.weight``/``head.bias``; tied: the projected item table and the bias) that rank exactly
+like ``forward`` for ``hellm_ds.eval.evaluator.evaluate``.
 
 Trainable scope (``HeLLMConfig.trainable_scope``):
 - ``lora`` (METHOD): LoRA adapters, the projector, the prefix encoder (Gram MLPs, P tables, their RMSNorms —
@@ -68,6 +70,20 @@ class ItemProjector(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x.to(self.fc1.weight.dtype))))
 
+    def functional(self, x: torch.Tensor) -> torch.Tensor:
+        """The same map through the weights directly, bypassing module hooks — for use inside
+        ``deepspeed.zero.GatheredParameters`` (ZeRO-3's hooks would re-partition mid-context)."""
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        return F.linear(F.gelu(F.linear(x.to(w1.dtype), w1, b1)), w2, b2)
+
+
+class TiedItemBias(nn.Module):
+    """The tied head's only own parameter: one score offset per item (row 0 = padding)."""
+
+    def __init__(self, n_rows: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n_rows, dtype=dtype))
+
 
 class HeLLM(nn.Module):
     """The stage-2 model around a LLaMA-family ``decoder`` (``causal_lm.model``; see ``build_hellm``).
@@ -109,7 +125,10 @@ class HeLLM(nn.Module):
             self.prefix = GramPrefixEncoder(d_g, H, n_layers, n_kv, head_dim, cfg.prefix_len, cfg.prefix_mode,
                                             cfg.gram_hidden, cfg.prefix_dropout, eps, dtype=self.dtype)
             wrap_attention(self.backbone, n_kv, head_dim, project=cfg.prefix_mode == "hidden")
-        self.head = nn.Linear(H, self.n_items + 1, dtype=self.dtype)
+        if cfg.item_head == "tied":
+            self.head = TiedItemBias(self.n_items + 1, dtype=self.dtype)
+        else:
+            self.head = nn.Linear(H, self.n_items + 1, dtype=self.dtype)
         self._cache_arg = cache_kwarg(self.backbone.forward)
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -144,12 +163,34 @@ class HeLLM(nn.Module):
                 params[n].copy_(t)
 
     # ---- forward -------------------------------------------------------------------------------------
-    def item_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Soft item tokens [B, n, H] (padding positions included; they are never read)."""
+    def item_tokens(self, input_ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Soft item tokens [B, n, H] (padding positions included; they are never read); ``table`` is the
+        whole projected item table when the caller already has it (tied head)."""
+        if table is not None:
+            return table[input_ids]
         return self.projector(torch.cat([self.graph_items[input_ids], self.seq_items[input_ids]], dim=-1))
 
-    def assemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def item_table(self) -> torch.Tensor:
+        """Every item's soft token [I+1, H] (row 0 = padding, masked in the scores)."""
+        return self.projector(torch.cat([self.graph_items, self.seq_items], dim=-1))
+
+    def item_scoring_params(self) -> list[nn.Parameter]:
+        """The parameters ``item_scoring`` reads (gather them first under ZeRO-3)."""
+        if self.cfg.item_head == "tied":
+            return [*self.projector.parameters(), self.head.bias]
+        return [self.head.weight, self.head.bias]
+
+    @torch.no_grad()
+    def item_scoring(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(item_vectors [I+1, H], item_bias [I+1])`` in fp32, detached copies: scores = u · Wᵀ + b rank
+        exactly like ``forward``. Reads parameters directly (no module hooks)."""
+        if self.cfg.item_head == "tied":
+            W = self.projector.functional(torch.cat([self.graph_items, self.seq_items], dim=-1))
+            return W.float().clone(), self.head.bias.detach().float().clone()
+        return self.head.weight.detach().float().clone(), self.head.bias.detach().float().clone()
+
+    def assemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(inputs_embeds [B, L, H], mask [B, L], position_ids [B, L])`` of the prompt, L = T_i + n + T_r;
         row b is left-padded by n − n_b (n_b = its unmasked items, kept in order wherever they sit)."""
         input_ids, mask = left_align(input_ids, attention_mask)
@@ -159,7 +200,7 @@ class HeLLM(nn.Module):
         L = Ti + n + Tr
         prompt = self.backbone.get_input_embeddings()(torch.cat([self.instruction_ids, self.response_ids]))
         instr, resp = prompt[:Ti], prompt[Ti:]
-        soft = self.item_tokens(input_ids)
+        soft = self.item_tokens(input_ids, table)
         H = soft.shape[-1]
         # source rows per batch row: [zero | instruction | the n (padded) soft tokens | response]
         src = torch.cat([soft.new_zeros(B, 1, H), instr.expand(B, Ti, H), soft, resp.expand(B, Tr, H)], dim=1)
@@ -172,10 +213,11 @@ class HeLLM(nn.Module):
         position_ids = (full_mask.cumsum(1) - 1).clamp(min=0)
         return embeds, full_mask, position_ids
 
-    def hidden_states(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, batch: dict, table: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Final hidden states [B, L, H] of the prompt (after the decoder's final norm) and its mask."""
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]  # Gram: order-free
-        embeds, mask, position_ids = self.assemble(input_ids, attention_mask)
+        embeds, mask, position_ids = self.assemble(input_ids, attention_mask, table)
         kwargs = {}
         mask2d = mask
         if self.prefix is not None:
@@ -186,13 +228,17 @@ class HeLLM(nn.Module):
                             use_cache=False, **kwargs)
         return out.last_hidden_state, mask
 
-    def user_vectors(self, batch: dict) -> torch.Tensor:
-        """The final hidden state of the last position [B, H]: scores = u · head.weightᵀ + head.bias."""
-        return self.hidden_states(batch)[0][:, -1]
+    def user_vectors(self, batch: dict, table: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden state of the last position [B, H]: scores = u · Wᵀ + b (``item_scoring``)."""
+        return self.hidden_states(batch, table)[0][:, -1]
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Item logits [B, n_items + 1] in fp32; column 0 (padding) is −∞."""
-        logits = self.head(self.user_vectors(batch)).float()
+        if self.cfg.item_head == "tied":
+            table = self.item_table()  # one projector call serves the prompt and the scores
+            logits = (self.user_vectors(batch, table) @ table.T + self.head.bias).float()
+        else:
+            logits = self.head(self.user_vectors(batch)).float()
         pad_col = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         pad_col[0] = True
         return logits.masked_fill(pad_col, float("-inf"))

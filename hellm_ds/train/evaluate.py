@@ -4,7 +4,7 @@ shared full-ranking evaluator, in one plain process (no DeepSpeed)::
     hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size 256] [--device auto]
 
 The model is factorised exactly as in training's validation: user vectors = the final hidden state of the
-prompt's last position (``HeLLM.user_vectors``), item vectors = ``head.weight``, item bias = ``head.bias``.
+prompt's last position (``HeLLM.user_vectors``), item vectors and bias from ``HeLLM.item_scoring``.
 
 Safety checks before any forward pass:
 - the dataset must be the one the run was trained on: ``hellm_adapter.json`` records the dataset fingerprint
@@ -125,8 +125,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batc
         raise UsageError(f"batch size must be ≥ 1, got {batch_size}")
     dev = resolve_device(device)
     model = load_checkpoint_model(checkpoint_dir, dataset, dev)
-    W = model.head.weight.detach().float()
-    b = model.head.bias.detach().float()
+    W, b = model.item_scoring()
     return evaluate_splits(dataset, lambda batch: model.user_vectors(batch).float(), splits=splits,
                            item_vectors=W, item_bias=b, batch_size=batch_size, device=dev, progress=progress)
 

@@ -75,7 +75,7 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +135,7 @@ class FinetuneConfig:
     prefix_mode: str = "hidden"
     lora_r: int = 16
     trainable_scope: str = "lora"
+    item_head: str = "linear"
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -163,7 +164,8 @@ class FinetuneConfig:
         from hellm_ds.llm import HeLLMConfig
 
         return HeLLMConfig(model=self.model, prefix_len=self.prefix_len, prefix_mode=self.prefix_mode,
-                           lora_r=self.lora_r, trainable_scope=self.trainable_scope, dtype=self.dtype,
+                           lora_r=self.lora_r, trainable_scope=self.trainable_scope,
+                           item_head=self.item_head, dtype=self.dtype,
                            attn_implementation=self.attn_implementation,
                            gradient_checkpointing=self.gradient_checkpointing)
 
@@ -371,8 +373,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
     dtype = model_dtype(cfg, ds_cfg, device)
     hcfg = cfg.hellm_config()
     if cfg.dtype == "auto":
-        from dataclasses import replace
-
         hcfg = replace(hcfg, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
                                     torch.float32: "float32"}[dtype])
     log = RunLog(out, enabled=rank == 0, tensorboard=False)
@@ -498,9 +498,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     def run_eval(split: str) -> dict:
         engine.eval()
-        head = hmodel.head
-        with deepspeed.zero.GatheredParameters([head.weight, head.bias], modifier_rank=None):
-            W, b = head.weight.detach().float().clone(), head.bias.detach().float().clone()
+        with deepspeed.zero.GatheredParameters(hmodel.item_scoring_params(), modifier_rank=None):
+            W, b = hmodel.item_scoring()
         res = evaluate(dataset, split, lambda batch: hmodel.user_vectors(batch).float(), item_vectors=W,
                        item_bias=b, batch_size=cfg.eval_batch_size, device=device, lockstep=True,
                        progress=show)
@@ -595,6 +594,8 @@ def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
     out_dir = Path(out_dir)
     meta = json.loads((out_dir / ADAPTER_CONFIG).read_text())
     cfg = HeLLMConfig.from_dict(meta["model"])
+    if cfg.model == ".":  # a merged export (hellm_ds.train.merge): the backbone is this directory
+        cfg = replace(cfg, model=str(out_dir))
     if graph_items is None:
         graph_items = load_tensors(meta["graph_emb"])[0]["item"].float()
     if seq_items is None:
@@ -627,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("max_len", int), ("eval_batch_size", int), ("select_metric", str), ("patience", int),
                       ("save_every", int), ("keep_checkpoints", int), ("prefix_len", int),
                       ("prefix_mode", str),
-                      ("lora_r", int), ("trainable_scope", str), ("dtype", str), ("attn_implementation", str),
+                      ("lora_r", int), ("trainable_scope", str), ("item_head", str), ("dtype", str), ("attn_implementation", str),
                       ("seed", int)):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name])
     for name in ("resume", "report_partitioning", "gradient_checkpointing", "skip_eval"):

@@ -94,6 +94,31 @@ def test_head_scores_match_forward_and_padding_column_is_never_predicted():
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, b["targets"]))
 
 
+def test_tied_head_scores_are_the_projected_item_table():
+    m = model(item_head="tied")
+    with torch.no_grad():
+        m.head.bias.copy_(0.1 * torch.randn(m.n_items + 1))
+    b = batch(ROWS, targets=[1, 2, 3, 4])
+    assert not hasattr(m.head, "weight")  # no I×H matrix: only a bias of its own
+    with torch.no_grad():
+        logits = m(b)
+        u = m.user_vectors(b)
+        table = m.projector(torch.cat([m.graph_items, m.seq_items], -1))
+    assert torch.isneginf(logits[:, 0]).all()
+    torch.testing.assert_close((u @ table.T + m.head.bias)[:, 1:], logits[:, 1:], rtol=0, atol=1e-5)
+    W, bias = m.item_scoring()
+    torch.testing.assert_close(W, table, rtol=0, atol=1e-6)
+    torch.testing.assert_close((u @ W.T + bias)[:, 1:], logits[:, 1:], rtol=0, atol=1e-5)
+    # the projector gets gradient from both sides (prompt tokens and scores); the bias trains
+    m.train()
+    m.loss(b).backward()
+    assert m.head.bias.grad is not None and m.head.bias.grad.abs().sum() > 0
+    assert m.projector.fc2.weight.grad.abs().sum() > 0
+    assert "head.bias" in m.trainable_state_dict() and "head.weight" not in m.trainable_state_dict()
+    with pytest.raises(UsageError, match="item_head"):
+        HeLLMConfig(item_head="shared")
+
+
 def test_trainable_state_round_trip():
     a, b_ = model(seed=0), model(seed=1)
     b = batch(ROWS)
@@ -164,8 +189,9 @@ def test_loss_falls_and_evaluator_ranks_with_the_head(synth):
     assert losses[-1] < 0.5 * losses[0], losses
     m.eval()
     kw = dict(protocols=("paper", "filtered"), batch_size=128, progress=False)
-    via_head = evaluate(synth, "valid", m.user_vectors, item_vectors=m.head.weight, item_bias=m.head.bias,
-                        **kw)
+    W, bias = m.item_scoring()
+    torch.testing.assert_close(W, m.head.weight)
+    via_head = evaluate(synth, "valid", m.user_vectors, item_vectors=W, item_bias=bias, **kw)
     via_logits = evaluate(synth, "valid", m, **kw)
     for protocol in via_head:
         for k, v in via_head[protocol].items():

@@ -261,3 +261,19 @@ def test_loss_falls(tables, tmp_path):
     ls = [losses(out)[s] for s in range(1, 51)]
     first, last = sum(ls[:10]) / 10, sum(ls[-10:]) / 10
     assert last < first - 0.1, (first, last)
+
+
+def test_tied_head_full_scope_beats_popularity(tables, tmp_path):
+    """A tiny backbone trained (scope full, tied item head) through ZeRO-3 on the synthetic data beats the
+    popularity baseline's validation NDCG@10 and Recall@10 (the planted item successors are learnable even
+    from random stage-1 tables: the projector gives each item its own token)."""
+    from hellm_ds.baselines.popularity import evaluate_popularity
+    from hellm_ds.data.dataset import load_dataset
+
+    out = tmp_path / "run"
+    run(tables, out, "--epochs", "2", "--steps-per-epoch", "120", "--micro-batch-size", "16", "--lr", "3e-3",
+        "--warmup-epochs", "0.2", "--item-head", "tied", "--trainable-scope", "full")
+    res = json.loads((out / "results.json").read_text())
+    pop = evaluate_popularity(load_dataset(tables[0], max_len=10), progress=False)
+    for metric in ("NDCG@10", "Recall@10"):
+        assert res["valid"]["paper"][metric] > 1.2 * pop["valid"]["paper"][metric], (metric, res["valid"], pop)
