@@ -9,6 +9,9 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds pretrain-seq --data DIR --out DIR [--epochs N] [--time-budget SECONDS]
     hellm-ds finetune --data DIR --graph-emb FILE --seq-emb FILE --out OUT [...]   (one process)
     hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--device auto]
+    hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
+    hellm-ds encode-text --data DIR [--model PATH] [--out-name text] [--max-length 128] [--overwrite]
+    hellm-ds plot --run DIR [--out DIR/plots] [--metrics Recall@10,NDCG@10]   (PNG curves of DIR/log.jsonl)
 """
 from __future__ import annotations
 
@@ -148,15 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-exact", action="store_true", help="skip counting nnz(R Rᵀ), nnz(H Hᵀ) exactly")
     p.set_defaults(func=cmd_build_graphs)
 
-    from hellm_ds.pretrain import train_graph
+    from hellm_ds.data import encode_text
+    from hellm_ds.pretrain import train_graph, train_sasrec
 
-    train_graph.add_cli(sub)
-    try:  # stage 1b registers itself the same way
-        from hellm_ds.pretrain import train_sasrec
-    except ImportError:
-        train_sasrec = None
-    if train_sasrec is not None:
-        train_sasrec.add_cli(sub)
+    # modules that own a subcommand register it themselves
+    for module in (encode_text, train_graph, train_sasrec):
+        module.add_cli(sub)
 
     from hellm_ds.train.finetune import build_parser as finetune_parser
 
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+    from hellm_ds.train import merge
+    from hellm_ds.utils import plot
+
+    for module in (merge, plot):
+        module.add_cli(sub)
     return parser
 
 

