@@ -9,6 +9,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds pretrain-seq --data DIR --out DIR [--epochs N] [--time-budget SECONDS]
     hellm-ds finetune --data DIR --graph-emb FILE --seq-emb FILE --out OUT [...]   (one process)
     hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--device auto]
+    hellm-ds pipeline --data DIR --out OUT [--model tiny|PATH] [--ranks N] [--redo STAGE]   (every stage)
     hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
     hellm-ds encode-text --data DIR [--model PATH] [--out-name text] [--max-length 128] [--overwrite]
     hellm-ds plot --run DIR [--out DIR/plots] [--metrics Recall@10,NDCG@10]   (PNG curves of DIR/log.jsonl)
@@ -180,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 
+    from hellm_ds import pipeline
     from hellm_ds.train import merge
     from hellm_ds.utils import plot
 
-    for module in (merge, plot):
+    for module in (merge, pipeline, plot):
         module.add_cli(sub)
     return parser
 

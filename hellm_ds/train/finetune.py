@@ -54,6 +54,8 @@ Outputs in ``--out``:
   ``--resume`` loads ``latest`` and continues with the same data order (the sampler's permutation depends
   only on seed and epoch; the done micro-batches of the epoch are skipped) and the same dropout noise
   (every micro-batch reseeds the RNG from seed/epoch/step/micro-batch/rank), hence the same losses.
+  Resuming a finished run returns its results untouched; starting a run without ``--resume`` in a
+  directory that holds checkpoints is refused (a fresh run starts a fresh ``log.jsonl``).
 - ``hellm_adapter.safetensors`` + ``hellm_adapter.json``: all trainable weights gathered from the shards
   (best validation epoch) and the model config; for a config-built backbone with the ``lora`` scope the
   (random, frozen) backbone is also written once to ``hellm_base.safetensors`` — it is not reproducible
@@ -204,7 +206,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        # a task bound to its own GPU (SLURM --gpus-per-task) sees one device whatever its LOCAL_RANK
+        local = int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
@@ -375,7 +378,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.dtype == "auto":
         hcfg = replace(hcfg, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
                                     torch.float32: "float32"}[dtype])
-    log = RunLog(out, enabled=rank == 0, tensorboard=False)
+    if not cfg.resume and read_latest(ckpt_dir) is not None:
+        # a second run would interleave its checkpoints, log and export with the first one's
+        raise UsageError(f"{ckpt_dir} holds a run's checkpoints: pass --resume to continue it, or use a new "
+                         "--out")
+    log = RunLog(out, enabled=rank == 0, tensorboard=False, fresh=not cfg.resume)
     show = cfg.progress and rank == 0
 
     dataset = load_dataset(cfg.data, max_len=cfg.max_len)
@@ -450,9 +457,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
             stopper.load_state_dict(client["stopper"])
             best = client.get("best", {})
             log.log("resume", step=global_step, tag=tag, epoch=epoch0, step_in_epoch=step_in_epoch)
-    else:
-        if rank == 0 and read_latest(ckpt_dir) is not None:
-            log.log("warning", message=f"{ckpt_dir} holds checkpoints; not resuming (no --resume)")
+            finished = out / RESULTS_NAME
+            if (epoch0 >= cfg.epochs or stopper.should_stop) and finished.is_file():
+                # nothing left to train: the finished run's results stand (not rewritten with no losses)
+                log.close()
+                del hf_ds_config
+                return json.loads(finished.read_text())
     log.log("start", step=global_step, world_size=world, zero_stage=stage, dtype=str(dtype),
             micro_batch=micro, grad_accum=gas, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
             warmup_steps=warmup,

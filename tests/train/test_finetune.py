@@ -175,6 +175,12 @@ def test_resume_same_losses(tables, tmp_path):
     for s in range(1, 13):
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
     assert any(r["event"] == "resume" for r in log(part))
+    # resuming the finished run changes nothing; a fresh run into its directory is refused
+    done = (part / "results.json").read_bytes()
+    run(tables, part, *args, "--resume")
+    assert (part / "results.json").read_bytes() == done and len(losses(part)) == 12
+    p = run(tables, part, *args, check=False)
+    assert p.returncode == 2 and "pass --resume" in p.stdout, p.stdout[-2000:]
 
 
 def test_two_ranks_resume_same_losses_across_launchers(tables, tmp_path):

@@ -1,0 +1,391 @@
+"""The whole method in one command: popularity → hypergraphs → graph pre-training → SASRec → ZeRO-3
+fine-tuning on every available rank → evaluation of the exported model.
+
+    hellm-ds pipeline --data DIR --out OUT [--model tiny|small|PATH] [--deepspeed-config ds_configs/zero3.json]
+                      [--ranks N] [--graph-time-budget S] [--seq-time-budget S] [--ft-epochs N] [--redo STAGE]
+
+Stages and where they write (each is a directory of OUT with a ``stage.json`` written last):
+
+    popularity  OUT/popularity/   the baseline's metrics
+    graphs      OUT/graphs/       the cached UI / U2U / I2I structures (``hellm-ds build-graphs``)
+    graph       OUT/graph/        MMHCL graph embeddings (``pretrain-graph``)
+    sasrec      OUT/sasrec/       SASRec item embeddings (``pretrain-seq``)
+    finetune    OUT/finetune/     HeLLM under DeepSpeed, launched as ``deepspeed --num_gpus N --module
+                                  hellm_ds.train`` (N = the GPUs; 2 CPU ranks with DS_ACCELERATOR=cpu
+                                  without GPUs; ``--ranks 1`` runs one plain process)
+    evaluate    OUT/evaluate/     the export reloaded without DeepSpeed and evaluated (``hellm-ds evaluate``)
+
+A stage is skipped when its ``stage.json`` records the same inputs: the dataset's fingerprint, the stage's
+configuration and the SHA-256 of the upstream files it reads. A stage whose inputs changed is refused (its
+results would silently mix two configurations) until ``--redo STAGE`` clears it and everything downstream. A
+stage interrupted before its ``stage.json`` is resumed from its own checkpoint (graph, sasrec, finetune).
+
+Defaults: a config-built backbone (``tiny``, ``small``) has no pre-trained weights, so it trains with scope
+``full`` and the tied item head; a local checkpoint uses METHOD's ``lora`` scope and linear head
+(``--trainable-scope`` / ``--item-head`` override). Prints one JSON object (every stage's result and the
+comparison table) on stdout and the table on stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from hellm_ds.errors import UsageError
+
+STAGES = ("popularity", "graphs", "graph", "sasrec", "finetune", "evaluate")
+UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": ("finetune",)}
+STAMP = "stage.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PipelineConfig:
+    data: str
+    out: str
+    model: str = "tiny"
+    deepspeed_config: str = "ds_configs/zero3.json"
+    ranks: int | None = None  # None: every GPU, or 2 CPU ranks without GPUs
+    max_len: int = 50
+    seed: int = 0
+    # graphs + graph pre-training
+    knn_k: int = 10
+    graph_preset: str | None = None
+    graph_epochs: int = 200
+    graph_eval_every: int = 5
+    graph_batch_size: int = 1024
+    graph_time_budget: float | None = None
+    # SASRec
+    seq_epochs: int = 200
+    seq_eval_every: int = 1
+    seq_time_budget: float | None = None
+    # fine-tuning (the rest are FinetuneConfig's defaults)
+    ft_epochs: int = 20
+    ft_lr: float = 3e-4
+    ft_micro_batch: int | None = None
+    ft_steps_per_epoch: int | None = None
+    ft_patience: int = 5
+    trainable_scope: str = "auto"  # auto: full for config-built sizes, lora for a checkpoint
+    item_head: str = "auto"  # auto: tied for config-built sizes, linear for a checkpoint
+    redo: tuple[str, ...] = field(default_factory=tuple)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.redo = tuple(self.redo)
+        bad = [s for s in self.redo if s not in STAGES]
+        if bad:
+            raise UsageError(f"--redo takes stages from {STAGES}, got {bad}")
+        if self.ranks is not None and self.ranks < 1:
+            raise UsageError(f"--ranks must be ≥ 1, got {self.ranks}")
+
+
+# ---- stage bookkeeping -----------------------------------------------------------------------------------
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _key(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def read_stamp(stage_dir: Path) -> dict | None:
+    p = stage_dir / STAMP
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError:
+        return None  # a torn stamp = not done
+
+
+def downstream(stage: str) -> set[str]:
+    out = {stage}
+    changed = True
+    while changed:
+        changed = False
+        for s, ups in UPSTREAM.items():
+            if s not in out and out & set(ups):
+                out.add(s)
+                changed = True
+    return out
+
+
+def _say(msg: str) -> None:
+    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
+
+
+class Stage:
+    """One stage's directory, its inputs and whether it is already done for them."""
+
+    def __init__(self, root: Path, name: str, inputs: dict):
+        self.name, self.dir, self.inputs, self.key = name, root / name, inputs, _key(inputs)
+
+    def done(self) -> dict | None:
+        st = read_stamp(self.dir)
+        if st is None:
+            return None
+        if st.get("key") != self.key:
+            old = st.get("inputs", {})
+            diff = sorted(k for k in set(old) | set(self.inputs) if old.get(k) != self.inputs.get(k))
+            raise UsageError(f"stage {self.name!r} in {self.dir} was run with other inputs (differing: {diff}); "
+                             f"pass --redo {self.name} to run it again (and everything after it), or use "
+                             "another --out")
+        return st["result"]
+
+    def finish(self, result: dict, seconds: float) -> dict:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_json(self.dir / STAMP, {"key": self.key, "inputs": self.inputs, "result": result,
+                                       "seconds": round(seconds, 2)})
+        return result
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+def resolve_ds_config(path: str) -> Path:
+    """``path`` as given, else relative to the repository (``ds_configs/…`` from any working directory)."""
+    p = Path(path)
+    if p.is_file():
+        return p.resolve()
+    if not p.is_absolute() and (REPO_ROOT / p).is_file():
+        return REPO_ROOT / p
+    raise UsageError(f"--deepspeed-config {path} not found")
+
+
+def default_ranks() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.llm.config import MODEL_SIZES
+
+    t_all = time.time()
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(cfg.data, max_len=cfg.max_len)
+    fp = dataset.fingerprint
+    for s in sorted(set().union(*(downstream(r) for r in cfg.redo)) if cfg.redo else ()):
+        if (root / s).exists():
+            _say(f"--redo: clearing {root / s}")
+            shutil.rmtree(root / s)
+    results: dict[str, dict] = {}
+
+    def stage(name: str, inputs: dict, fn) -> dict:
+        st = Stage(root, name, {"dataset": fp, **inputs})
+        prev = st.done()
+        if prev is not None:
+            _say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
+            results[name] = prev
+            return prev
+        _say(f"{name}: running → {st.dir}")
+        t0 = time.time()
+        res = st.finish(fn(st.dir), time.time() - t0)
+        results[name] = res
+        return res
+
+    # popularity
+    def popularity(d: Path) -> dict:
+        from hellm_ds.baselines.popularity import evaluate_popularity
+
+        return evaluate_popularity(dataset, progress=cfg.progress)
+
+    stage("popularity", {}, popularity)
+
+    # hypergraph structures
+    from hellm_ds.graph.build import GraphConfig, load_or_build
+
+    gcfg = GraphConfig(knn_k=cfg.knn_k)
+
+    def graphs(d: Path) -> dict:
+        return load_or_build(dataset, gcfg, d).sizes(exact_products=False)
+
+    stage("graphs", {"knn_k": cfg.knn_k}, graphs)
+
+    # graph pre-training
+    from hellm_ds.pretrain.mmhcl import MMHCLConfig
+    from hellm_ds.pretrain.presets import GRAPH_PRESETS
+    from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
+    from hellm_ds.pretrain.train_graph import GraphTrainConfig, train_graph
+
+    if cfg.graph_preset is not None and cfg.graph_preset not in GRAPH_PRESETS:
+        raise UsageError(f"--graph-preset must be one of {sorted(GRAPH_PRESETS)}, got {cfg.graph_preset!r}")
+    preset = GRAPH_PRESETS.get(cfg.graph_preset, {}) if cfg.graph_preset else {}
+    train_kw = {**preset.get("train", {}), "knn_k": cfg.knn_k, "epochs": cfg.graph_epochs,
+                "eval_every": cfg.graph_eval_every, "batch_size": cfg.graph_batch_size,
+                "time_budget": cfg.graph_time_budget, "seed": cfg.seed}
+    graph_cfg = GraphTrainConfig(model=MMHCLConfig(**preset.get("model", {})), **train_kw)
+
+    def graph(d: Path) -> dict:
+        resume = (d / "checkpoint_last.pt").is_file()
+        if resume:
+            _say("graph: resuming an interrupted run")
+        g = load_or_build(dataset, gcfg, root / "graphs")
+        res = train_graph(dataset, graph_cfg, d, resume=resume, progress=cfg.progress, graphs=g)
+        return {**res, "export": str(d / GRAPH_EXPORT)}
+
+    stage("graph", {"config": asdict(graph_cfg)}, graph)
+
+    # SASRec
+    from hellm_ds.pretrain.train_sasrec import EXPORT_NAME as SEQ_EXPORT
+    from hellm_ds.pretrain.train_sasrec import SASRecTrainConfig, train_sasrec
+
+    seq_cfg = SASRecTrainConfig(max_len=cfg.max_len, epochs=cfg.seq_epochs, eval_every=cfg.seq_eval_every,
+                                time_budget=cfg.seq_time_budget, seed=cfg.seed)
+
+    def sasrec(d: Path) -> dict:
+        resume = any(d.glob("checkpoint*"))
+        if resume:
+            _say("sasrec: resuming an interrupted run")
+        res = train_sasrec(dataset, seq_cfg, d, resume=resume, progress=cfg.progress)
+        return {**res, "export": str(d / SEQ_EXPORT)}
+
+    seq_inputs = {k: v for k, v in asdict(seq_cfg).items() if k not in ("device", "num_threads")}
+    stage("sasrec", {"config": seq_inputs}, sasrec)
+
+    # fine-tuning
+    built = cfg.model in MODEL_SIZES
+    scope = cfg.trainable_scope if cfg.trainable_scope != "auto" else ("full" if built else "lora")
+    head = cfg.item_head if cfg.item_head != "auto" else ("tied" if built else "linear")
+    ranks = cfg.ranks or default_ranks()
+    ds_config = resolve_ds_config(cfg.deepspeed_config)
+    graph_emb, seq_emb = root / "graph" / GRAPH_EXPORT, root / "sasrec" / SEQ_EXPORT
+    ft_args = {"model": cfg.model if built else str(Path(cfg.model).resolve()), "epochs": cfg.ft_epochs,
+               "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
+               "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
+               "trainable_scope": scope, "item_head": head, "seed": cfg.seed}
+    ft_inputs = {"args": ft_args, "ranks": ranks, "deepspeed_config": json.loads(ds_config.read_text()),
+                 "graph_emb": file_sha256(graph_emb), "seq_emb": file_sha256(seq_emb)}
+
+    def finetune(d: Path) -> dict:
+        from hellm_ds.train.finetune import RESULTS_NAME
+
+        resume = (d / "checkpoints" / "latest").is_file()
+        if resume:
+            _say("finetune: resuming from the latest checkpoint")
+        argv = ["--data", str(Path(cfg.data).resolve()), "--graph-emb", str(graph_emb), "--seq-emb",
+                str(seq_emb), "--out", str(d), "--deepspeed_config", str(ds_config)]
+        for k, v in ft_args.items():
+            if v is not None:
+                argv += ["--" + k.replace("_", "-"), str(v)]
+        if resume:
+            argv.append("--resume")
+        if not cfg.progress:
+            argv.append("--no-progress")
+        launch_finetune(argv, ranks, d / "launcher.log")
+        res = json.loads((d / RESULTS_NAME).read_text())
+        return {k: v for k, v in res.items() if k != "losses"}
+
+    stage("finetune", ft_inputs, finetune)
+
+    # evaluation of the export in a plain process (what `hellm-ds evaluate` / `recommend` load)
+    def evaluate(d: Path) -> dict:
+        from hellm_ds.train.evaluate import evaluate_checkpoint
+
+        return evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress)
+
+    stage("evaluate", {"finetune": Stage(root, "finetune", {"dataset": fp, **ft_inputs}).key}, evaluate)
+
+    table = comparison_table(results)
+    print(format_table(table), file=sys.stderr, flush=True)
+    return {"out": str(root), "ranks": ranks, "trainable_scope": scope, "item_head": head,
+            "seconds": round(time.time() - t_all, 1), "table": table,
+            "stages": {k: results[k] for k in STAGES if k in results}}
+
+
+def launch_finetune(argv: list[str], ranks: int, log_path: Path) -> None:
+    """``deepspeed --num_gpus ranks --module hellm_ds.train ARGV`` (CPU: DS_ACCELERATOR=cpu, gloo), or one
+    plain process for a single rank. The children's stdout (DeepSpeed's chatter) goes to stderr."""
+    import torch
+
+    env = dict(os.environ)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # a fresh world, whatever launched us
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "hellm_ds.train", *argv]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(port), "--module", "hellm_ds.train", *argv]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    _say("launch: " + " ".join(cmd[1:4] + ["…"]) + f" ({ranks} rank{'s' if ranks > 1 else ''}, "
+         f"{'GPU' if cuda else 'CPU'}; log {log_path})")
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):  # tee: progress stays visible, everything is kept
+            log.write(line)
+            sys.stderr.write(line.decode(errors="replace"))
+        rc = proc.wait()
+    if rc != 0:
+        raise UsageError(f"fine-tuning exited with status {rc}; see {log_path}")
+
+
+def comparison_table(results: dict) -> list[dict]:
+    """Test-split rows (both protocols) for popularity, SASRec, graph-only and the fine-tuned model."""
+    rows = []
+    for name, stage in (("popularity", "popularity"), ("SASRec", "sasrec"), ("graph (MMHCL)", "graph"),
+                        ("HeLLM fine-tuned", "evaluate")):
+        res = results.get(stage)
+        if not res or not res.get("test"):
+            continue
+        for proto in ("paper", "filtered"):
+            m = res["test"][proto]
+            rows.append({"model": name, "protocol": proto,
+                         **{k: m[k] for k in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")}})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"\n{'model':<18} {'protocol':<9} {'R@10':>7} {'N@10':>7} {'R@20':>7} {'N@20':>7}   (test split)"]
+    for r in rows:
+        lines.append(f"{r['model']:<18} {r['protocol']:<9} {r['Recall@10']:7.4f} {r['NDCG@10']:7.4f} "
+                     f"{r['Recall@20']:7.4f} {r['NDCG@20']:7.4f}")
+    return "\n".join(lines)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("pipeline", help="every stage: baseline, graphs, stage 1, DeepSpeed fine-tuning, "
+                       "evaluation (skips what is done)", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    defaults = {f.name: f.default for f in fields(PipelineConfig) if f.name not in ("data", "out", "redo")}
+    types = {"ranks": int, "ft_micro_batch": int, "ft_steps_per_epoch": int, "graph_time_budget": float,
+             "seq_time_budget": float, "graph_preset": str}
+    for name, default in defaults.items():
+        if name == "progress":
+            continue
+        flags = ["--" + name.replace("_", "-")] + (["--deepspeed_config"] if name == "deepspeed_config" else [])
+        p.add_argument(*flags, dest=name, type=types.get(name, type(default)), default=default)
+    p.add_argument("--redo", default="", help=f"comma-separated stages to run again (from {', '.join(STAGES)})")
+    p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> dict:
+    kw = {f.name: getattr(args, f.name) for f in fields(PipelineConfig) if hasattr(args, f.name)}
+    kw["redo"] = tuple(s.strip() for s in args.redo.split(",") if s.strip())
+    return run_pipeline(PipelineConfig(**kw))
