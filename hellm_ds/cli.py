@@ -10,6 +10,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds finetune --data DIR --graph-emb FILE --seq-emb FILE --out OUT [...]   (one process)
     hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--device auto]
     hellm-ds pipeline --data DIR --out OUT [--model tiny|PATH] [--ranks N] [--redo STAGE]   (every stage)
+    hellm-ds recommend --checkpoint OUT --data DIR --users 1,2,3 [--k 10] [--exclude-history] [--users-file F]
     hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
     hellm-ds encode-text --data DIR [--model PATH] [--out-name text] [--max-length 128] [--overwrite]
     hellm-ds plot --run DIR [--out DIR/plots] [--metrics Recall@10,NDCG@10]   (PNG curves of DIR/log.jsonl)
@@ -182,10 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     from hellm_ds import pipeline
+    from hellm_ds.eval import recommend
     from hellm_ds.train import merge
     from hellm_ds.utils import plot
 
-    for module in (merge, pipeline, plot):
+    for module in (recommend, merge, pipeline, plot):
         module.add_cli(sub)
     return parser
 

@@ -131,7 +131,16 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batc
 
 
 def run_max_len(checkpoint_dir: str | Path) -> int | None:
-    """The ``--max-len`` the run trained with (its ``log.jsonl`` start record), or None if not recorded."""
+    """The ``--max-len`` the run trained with (``hellm_adapter.json``, else its ``log.jsonl`` start record),
+    or None if not recorded."""
+    from hellm_ds.train.finetune import ADAPTER_CONFIG
+
+    try:
+        v = json.loads((Path(checkpoint_dir) / ADAPTER_CONFIG).read_text()).get("max_len")
+        if isinstance(v, int):
+            return v
+    except (OSError, ValueError, AttributeError):
+        pass
     path = Path(checkpoint_dir) / "log.jsonl"
     if not path.is_file():
         return None

@@ -469,8 +469,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             config=cfg.to_dict(), model=hcfg.to_dict())
 
     fingerprint = dataset.fingerprint
-    meta = {"model": hcfg.to_dict(), "n_items": n_items, "graph_emb": str(cfg.graph_emb),
-            "seq_emb": str(cfg.seq_emb), "seed": cfg.seed}
+    meta = {"model": hcfg.to_dict(), "n_items": n_items, "graph_emb": str(Path(cfg.graph_emb).resolve()),
+            "seq_emb": str(Path(cfg.seq_emb).resolve()), "seed": cfg.seed, "max_len": cfg.max_len}
 
     def save(tag: str, epoch: int, s_in_epoch: int) -> None:
         client = {"epoch": epoch, "step_in_epoch": s_in_epoch, "global_step": global_step,

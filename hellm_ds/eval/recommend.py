@@ -1,0 +1,156 @@
+"""Top-k recommendations of an exported fine-tuned HeLLM for given users.
+
+    hellm-ds recommend --checkpoint OUT --data DIR --users 1,2,3 [--k 10] [--exclude-history]
+    hellm-ds recommend --checkpoint OUT --data DIR --users-file ids.txt [--batch-size 256] [--device auto]
+
+A user's history is everything the dataset holds for them (the last ``max_len`` items, the run's
+``--max-len``), so the answer is the next item after the newest one — the production question, not the
+evaluation split's. Scores are ``u · Wᵀ + b`` with ``(W, b) = HeLLM.item_scoring()`` (exactly the model's item
+logits), computed over item chunks with a running top-k: memory O(batch · chunk), never users × items.
+``--exclude-history`` drops items the user already has (the filtered protocol); the padding item 0 is
+never recommended. Output: ``{"k", "exclude_history", "users": [{"user", "items", "scores"[, "titles"]}]}``
+— titles when ``DIR/items.tsv`` exists. ``--users-file``: one user id per line (blank lines and ``#``
+comments skipped). An unknown user id is an error naming it (and the file's line).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hellm_ds.errors import DataFormatError, UsageError
+
+
+def read_user_ids(path: str | Path) -> tuple[list[int], list[int]]:
+    """``(ids, line numbers)``: one integer user id per line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --users-file {path} ({e})") from None
+    ids: list[int] = []
+    lines: list[int] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        tok = line.split("#", 1)[0].strip()
+        if not tok:
+            continue
+        try:
+            ids.append(int(tok))
+        except ValueError:
+            raise DataFormatError(path, lineno, "not an integer user id", tok) from None
+        lines.append(lineno)
+    if not ids:
+        raise UsageError(f"--users-file {path} lists no user ids")
+    return ids, lines
+
+
+def parse_user_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"--users takes comma-separated integer ids, got {text!r}") from None
+    if not ids:
+        raise UsageError("--users lists no user ids")
+    return ids
+
+
+def top_k(user_vectors: torch.Tensor, item_vectors: torch.Tensor, item_bias: torch.Tensor | None, k: int,
+          exclude: torch.Tensor | None = None, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores [B, k], item ids [B, k])`` of the best items (ids ≥ 1) by ``u · Wᵀ + b``, best first;
+    ``exclude`` [B, L] item ids to skip (0 entries = padding, ignored)."""
+    B, n_rows = user_vectors.shape[0], item_vectors.shape[0]
+    best_s = user_vectors.new_full((B, 0), float("-inf"))
+    best_i = torch.zeros(B, 0, dtype=torch.long, device=user_vectors.device)
+    for lo in range(1, n_rows, chunk):  # row 0 is padding
+        hi = min(n_rows, lo + chunk)
+        s = user_vectors @ item_vectors[lo:hi].T
+        if item_bias is not None:
+            s = s + item_bias[lo:hi]
+        if exclude is not None:
+            local = exclude - lo
+            inside = (exclude > 0) & (local >= 0) & (local < hi - lo)
+            rows = torch.arange(B, device=s.device)[:, None].expand_as(exclude)
+            s[rows[inside], local[inside]] = float("-inf")
+        ks, ki = s.topk(min(k, hi - lo), dim=1)
+        best_s, order = torch.cat([best_s, ks], 1).topk(min(k, best_s.shape[1] + ks.shape[1]), dim=1)
+        best_i = torch.cat([best_i, ki + lo], 1).gather(1, order)
+    return best_s, best_i
+
+
+def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10, exclude_history: bool = False,
+              batch_size: int = 256, device: str = "auto", progress: bool = False) -> dict:
+    """See the module docstring; ``dataset`` must be the run's (checked)."""
+    from tqdm import tqdm
+
+    from hellm_ds.data.batching import left_pad
+    from hellm_ds.train.evaluate import load_checkpoint_model, resolve_device
+
+    if k < 1:
+        raise UsageError(f"--k must be ≥ 1, got {k}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be ≥ 1, got {batch_size}")
+    try:
+        index = dataset.user_index(users)
+    except KeyError as e:
+        raise UsageError(f"{e.args[0]} (not in {dataset.root}/sequences.txt)") from None
+    dev = resolve_device(device)
+    model = load_checkpoint_model(checkpoint_dir, dataset, dev)
+    W, b = (t.to(dev) for t in model.item_scoring())
+    k = min(k, dataset.n_items)
+    out = []
+    starts, ends = dataset.offsets[index], dataset.offsets[index + 1]
+    for lo in tqdm(range(0, len(index), batch_size), desc="recommend", disable=not progress):
+        hi = min(len(index), lo + batch_size)
+        ids = torch.from_numpy(left_pad(dataset.items, starts[lo:hi], ends[lo:hi], dataset.max_len)).to(dev)
+        batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+        with torch.no_grad():
+            u = model.user_vectors(batch).float()
+            s, i = top_k(u, W, b, k, exclude=ids if exclude_history else None)
+        for row, user in enumerate(users[lo:hi]):
+            keep = torch.isfinite(s[row])  # fewer than k items left after exclusion
+            rec = {"user": int(user), "items": i[row][keep].tolist(),
+                   "scores": [round(float(x), 6) for x in s[row][keep]]}
+            if dataset.item_texts is not None:
+                rec["titles"] = [dataset.item_texts[j] for j in rec["items"]]
+            out.append(rec)
+    return {"k": k, "exclude_history": exclude_history, "users": out}
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("recommend", help="top-k items for given users from an exported fine-tuned HeLLM",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the fine-tuning run's --out (or a merged export)")
+    p.add_argument("--data", required=True, help="the run's dataset directory")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--users", help="comma-separated user ids (the first column of sequences.txt)")
+    who.add_argument("--users-file", help="a file with one user id per line (batch mode)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--exclude-history", action="store_true", help="never recommend an item the user has")
+    p.add_argument("--max-len", type=int, default=None, help="history length (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args) -> dict:
+    from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.train.evaluate import read_adapter_meta, run_max_len
+
+    if args.users_file:
+        users, lines = read_user_ids(args.users_file)
+    else:
+        users, lines = parse_user_list(args.users), None
+    read_adapter_meta(args.checkpoint)
+    max_len = args.max_len if args.max_len is not None else (run_max_len(args.checkpoint) or 50)
+    ds = load_dataset(args.data, max_len=max_len)
+    if lines is not None:  # name the file's line of an unknown id
+        for user, lineno in zip(users, lines):
+            try:
+                ds.user_index([user])
+            except KeyError:
+                raise DataFormatError(args.users_file, lineno, f"user id not in {ds.root}/sequences.txt",
+                                      user) from None
+    return recommend(args.checkpoint, ds, users, k=args.k, exclude_history=args.exclude_history,
+                     batch_size=args.batch_size, device=args.device, progress=not args.quiet)
