@@ -326,6 +326,12 @@ def _build_model(hcfg, graph_items, seq_items, dtype, seed):
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
+def _tag_order(name: str) -> tuple[int, bool]:
+    """Checkpoint tags in save order: ``step{N}`` (mid-epoch) before ``step{N}-end`` (after the epoch)."""
+    step, _, end = name[4:].partition("-")
+    return int(step) if step.isdigit() else -1, end == "end"
+
+
 def _micro_seed(seed: int, epoch: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, micro, rank]).generate_state(1)[0])
 
@@ -448,6 +454,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     best: dict = {}
     if cfg.resume:
         tag = read_latest(ckpt_dir)
+        if tag is None and (ckpt_dir / LATEST).is_file():
+            raise UsageError(f"{ckpt_dir / LATEST} names {(ckpt_dir / LATEST).read_text().strip()!r}, which is "
+                             "not there: refusing to start over silently")
         if tag is not None:
             _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
             if client is None:
@@ -473,6 +482,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             "seq_emb": str(Path(cfg.seq_emb).resolve()), "seed": cfg.seed, "max_len": cfg.max_len}
 
     def save(tag: str, epoch: int, s_in_epoch: int) -> None:
+        if tag == read_latest(ckpt_dir):
+            raise RuntimeError(f"checkpoint tag {tag} is the one `latest` names; refusing to overwrite it")
         client = {"epoch": epoch, "step_in_epoch": s_in_epoch, "global_step": global_step,
                   "stopper": stopper.state_dict(), "best": best, "config": cfg.to_dict()}
         if rank == 0 and (ckpt_dir / tag).exists():
@@ -484,7 +495,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if rank == 0:
             _write_json_atomic(ckpt_dir / LATEST, tag)
             tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
-                          key=lambda d: int(d.name[4:]))
+                          key=lambda d: _tag_order(d.name))
             for d in tags[: max(0, len(tags) - cfg.keep_checkpoints)]:
                 if d.name != tag:
                     shutil.rmtree(d, ignore_errors=True)
@@ -576,7 +587,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         else:
             best = {"epoch": epoch}
             export(epoch)
-        save(f"step{global_step}", epoch + 1, 0)
+        # its own tag: a run stopped by --max-steps on an epoch's last step saved step{N} before this
+        # epoch's evaluation, and a resume must not overwrite the checkpoint ``latest`` names
+        save(f"step{global_step}-end", epoch + 1, 0)
     results = {"best_epoch": best.get("epoch"), "valid": best.get("valid"), "test": best.get("test"),
                "global_step": global_step, "stopped": stopped, "losses": losses,
                "seconds": round(time.time() - t0, 2), "world_size": world, "zero_stage": stage}
@@ -585,7 +598,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         save(f"step{global_step}", epoch, s + 1)  # not saved by the loop just now
     if rank == 0:
         name = "partial_" + RESULTS_NAME if stopped == "max_steps" else RESULTS_NAME
-        _write_json_atomic(out / name, results)
+        # per-step losses live in log.jsonl (across resumes); ``seconds`` is this invocation's wall time
+        _write_json_atomic(out / name, {k: v for k, v in results.items() if k != "losses"})
     log.log("done", step=global_step, best_epoch=best.get("epoch"), stopped=stopped)
     log.close()
     del hf_ds_config

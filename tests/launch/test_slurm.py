@@ -207,7 +207,7 @@ def test_per_gpu_ranks_join_one_world_and_requeue_resumes(per_gpu_run):
     res = json.loads((r["out"] / RESULTS_NAME).read_text())
     assert res["world_size"] == 2 and res["global_step"] == 2 and res["stopped"] is None
     assert (r["out"] / ADAPTER_NAME).is_file()
-    assert (r["out"] / "checkpoints" / "latest").read_text().strip() == "step2"
+    assert (r["out"] / "checkpoints" / "latest").read_text().strip() == "step2-end"
 
 
 def test_evaluate_sbatch(slurm, per_gpu_run, tables):  # noqa: F811

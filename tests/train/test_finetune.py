@@ -124,7 +124,7 @@ def test_single_process_zero3_end_to_end_export_reload(tables, tmp_path):
     assert [r["epoch"] for r in ev if r["event"] == "valid"] == [0, 1]
     ck = out / CKPT_DIR
     tag = (ck / "latest").read_text().strip()
-    assert tag == "step12" and (ck / tag).is_dir()
+    assert tag == "step12-end" and (ck / tag).is_dir()
     assert not any(p.name.startswith(".latest") for p in ck.iterdir())  # no temporary pointer left
     meta = json.loads((out / ADAPTER_CONFIG).read_text())
     assert meta["epoch"] == res["best_epoch"] and (out / ADAPTER_NAME).is_file()
@@ -181,6 +181,23 @@ def test_resume_same_losses(tables, tmp_path):
     assert (part / "results.json").read_bytes() == done and len(losses(part)) == 12
     p = run(tables, part, *args, check=False)
     assert p.returncode == 2 and "pass --resume" in p.stdout, p.stdout[-2000:]
+
+
+def test_resume_after_max_steps_on_an_epoch_end(tables, tmp_path):
+    """Stopped by --max-steps on an epoch's last step (saved before that epoch's evaluation): the resume
+    evaluates the epoch and checkpoints under a tag of its own — never over the one `latest` names."""
+    out = tmp_path / "run"
+    args = ("--epochs", "2", "--steps-per-epoch", "3", "--lr", "1e-3")
+    run(tables, out, *args, "--max-steps", "3")
+    assert (out / CKPT_DIR / "latest").read_text().strip() == "step3"
+    run(tables, out, *args, "--resume")
+    tags = [r["tag"] for r in log(out) if r["event"] == "checkpoint"]
+    assert tags == ["step3", "step3-end", "step6-end"], tags
+    assert sorted(losses(out)) == list(range(1, 7))
+    assert [r["epoch"] for r in log(out) if r["event"] == "valid"] == [0, 1]
+    (out / CKPT_DIR / "latest").write_text("step99")  # a pointer to nothing is an error, not a fresh start
+    p = run(tables, out, *args, "--resume", check=False)
+    assert p.returncode == 2 and "step99" in p.stdout, p.stdout[-2000:]
 
 
 def test_two_ranks_resume_same_losses_across_launchers(tables, tmp_path):
