@@ -225,6 +225,20 @@ def test_gradient_checkpointing_same_losses(tables, tmp_path):
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
 
 
+def test_zero3_offload_config_same_losses(tables, tmp_path):
+    """ds_configs/zero3_offload.json (parameters and optimiser state offloaded to CPU memory) trains the same
+    trajectory as zero3.json (fp32 on CPU: 1e-5 relative)."""
+    args = ("--epochs", "1", "--steps-per-epoch", "4", "--skip-eval", "--lr", "1e-3")
+    run(tables, tmp_path / "z3", *args)
+    run(tables, tmp_path / "off", *args, config=ROOT / "ds_configs" / "zero3_offload.json")
+    a, b = losses(tmp_path / "z3"), losses(tmp_path / "off")
+    assert len(a) == 4
+    for s in a:
+        assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
+    start = [r for r in log(tmp_path / "off") if r["event"] == "start"][0]
+    assert start["zero_stage"] == 3
+
+
 @pytest.fixture(scope="module")
 def local_llama(tmp_path_factory) -> Path:
     """A tiny random LLaMA saved as a local HF checkpoint directory (model + offline tokenizer)."""
