@@ -55,10 +55,10 @@ import numpy as np
 import torch
 
 try:
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 
 from hellm_ds.data.batching import NextItemExamples
 from hellm_ds.data.dataset import Dataset, load_dataset
@@ -199,18 +199,14 @@ def run_project(ds: Dataset, user: torch.Tensor, item: torch.Tensor, batch_size:
     return res, time.perf_counter() - t0
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
 def table(records: list[dict]) -> str:
     lines = [(f"{'method':<9} {'status':<6} {'users timed':>11} {'s (all users)':>14} {'users/s':>10} "
               f"{'ms/user':>8} {'peak MB':>8}  note")]
     for r in records:
         m = r["metrics"]
-        lines.append(f"{r['name']:<9} {r['status']:<6} {_fmt(m.get('users_measured'), '11,d')} "
-                     f"{_fmt(m.get('seconds'), '14.3f')} {_fmt(m.get('users_per_s'), '10.0f')} "
-                     f"{_fmt(m.get('ms_per_user'), '8.3f')} {_fmt(m.get('peak_mem_mb'), '8.0f')}  {r['note']}")
+        lines.append(f"{r['name']:<9} {r['status']:<6} {fmt_cell(m.get('users_measured'), '11,d')} "
+                     f"{fmt_cell(m.get('seconds'), '14.3f')} {fmt_cell(m.get('users_per_s'), '10.0f')} "
+                     f"{fmt_cell(m.get('ms_per_user'), '8.3f')} {fmt_cell(m.get('peak_mem_mb'), '8.0f')}  {r['note']}")
     return "\n".join(lines)
 
 

@@ -60,10 +60,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -364,20 +364,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
 def table(records: list[dict]) -> str:
     lines = [(f"{'method':<9} {'status':<6} {'ms/step':>9} {'samples/s':>10} {'tokens/s':>10} {'MFU %':>8} "
               f"{'params':>11} {'trainable':>10} {'peak MB':>9}")]
     for r in records:
         m = r["metrics"]
         mfu = m.get("mfu")
-        lines.append(f"{r['name']:<9} {r['status']:<6} {_fmt(m.get('ms_per_step'), '9.2f')} "
-                     f"{_fmt(m.get('samples_per_s'), '10.1f')} {_fmt(m.get('tokens_per_s'), '10.0f')} "
-                     f"{_fmt(None if mfu is None else 100 * mfu, '8.4f')} {_fmt(m.get('n_params'), '11,d')} "
-                     f"{_fmt(m.get('n_trainable'), '10,d')} {_fmt(m.get('peak_mem_mb'), '9.0f')}")
+        lines.append(f"{r['name']:<9} {r['status']:<6} {fmt_cell(m.get('ms_per_step'), '9.2f')} "
+                     f"{fmt_cell(m.get('samples_per_s'), '10.1f')} {fmt_cell(m.get('tokens_per_s'), '10.0f')} "
+                     f"{fmt_cell(None if mfu is None else 100 * mfu, '8.4f')} {fmt_cell(m.get('n_params'), '11,d')} "
+                     f"{fmt_cell(m.get('n_trainable'), '10,d')} {fmt_cell(m.get('peak_mem_mb'), '9.0f')}")
     return "\n".join(lines)
 
 

@@ -64,10 +64,10 @@ from typing import Callable
 import torch
 
 try:
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hellm_ds.utils.bench import device_name, max_rss_mb, sync
+    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -643,10 +643,6 @@ def table_header(device: torch.device) -> str:
     return f"{head}\n{'-' * len(head)}   [{mem}; vs cuSP = speed-up vs torch CSR]"
 
 
-def _fmt(v, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
-
-
 def table_row(rec: dict) -> str:
     p, m = rec["params"], rec["metrics"]
     ok = rec["status"] == "ok"
@@ -657,9 +653,9 @@ def table_row(rec: dict) -> str:
     cells = [p["graph"][:22], p["case"], f"{_short(p['rows'])}×{_short(p['cols'])}", _short(p["nnz"]),
              str(p["d"]), p["dtype"], p["method"][:15]]
     if ok:
-        cells += [_fmt(m["ms"], ".3f"), _fmt(m["gbps"], ".1f"), _fmt(m["pct_copy_bw"], ".1f"),
-                  _fmt(m["floor_ms"], ".3f"), _fmt(m.get("speedup_vs_cusparse"), ".2f"),
-                  _fmt(m["peak_mb"], ".0f"), check]
+        cells += [fmt_cell(m["ms"], ".3f"), fmt_cell(m["gbps"], ".1f"), fmt_cell(m["pct_copy_bw"], ".1f"),
+                  fmt_cell(m["floor_ms"], ".3f"), fmt_cell(m.get("speedup_vs_cusparse"), ".2f"),
+                  fmt_cell(m["peak_mb"], ".0f"), check]
         line = " ".join(f"{c:{al}{w}}" for c, (_, w, al) in zip(cells, COLUMNS))
         if not m.get("correct"):
             line += f"  !! max rel err {m['max_rel_err']:.2e} > {m['tolerance']:.0e}"

@@ -55,3 +55,8 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
+
+
+def fmt_cell(v, spec: str) -> str:
+    """A table cell: ``format(v, spec)``, or "-" for a missing or non-finite value."""
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)

@@ -1,10 +1,7 @@
 """launch/bench_eval.py on the CPU with a tiny synthetic dataset: JSON shape, the correctness guard, sub-datasets."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,19 +12,13 @@ from hellm_ds.data.synth import SynthConfig, write_synthetic
 from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.utils.checkpoint import export_tensors
 
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "bench_eval.py"
+from tests.launch.conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_eval", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("bench_eval")
 
 
 @pytest.fixture(scope="module")

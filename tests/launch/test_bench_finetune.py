@@ -1,29 +1,20 @@
 """launch/bench_finetune.py on the CPU with the tiny model: JSON shape, both methods, the shared batches."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "bench_finetune.py"
+from tests.launch.conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("bench_finetune")
 
 
 def test_history_lengths_beauty_shaped(bench):

@@ -1,32 +1,23 @@
 """launch/bench_kernels.py on the CPU with tiny graphs: JSON shape, correctness guard, power-law generator."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hellm_ds.data.synth import SynthConfig, write_synthetic
 
+from tests.launch.conftest import load_script
+
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "bench_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(mod)
-        yield mod
-    finally:
-        sys.modules.pop(spec.name, None)
+    yield from load_script("bench_kernels")
 
 
 @pytest.mark.parametrize("size", [(2_000, 600, 16_000), (500, 200, 3_000), (3_000, 1_000, 30_000)])
