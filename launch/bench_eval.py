@@ -32,7 +32,30 @@ Run (CPU, default: a synthesised Toys-shaped dataset, about a minute on 2 cores)
 Options: ``--data DIR`` (default: ``hellm_ds.data.synth`` into a temporary directory, ``--synth-users``
 20000 × ``--synth-items`` 12000), ``--dim 64``, ``--graph-emb FILE``, ``--device auto|cpu|cuda[:N]``,
 ``--batch-size 1024`` (project), ``--baseline-users 500``, ``--max-len 50``, ``--seed 0``, ``--threads N``,
-``--out FILE`` (default ``runs/bench/eval.json``), ``--quiet``.
+``--out FILE`` (default ``runs/bench/eval.json``), ``--quiet``; ``--checkpoint OUT`` (model mode; ``--max-len``
+then defaults to the run's), ``--tolerance`` (default 1e-9, model mode 1e-5).
+
+Model mode, ``--checkpoint OUT`` (a fine-tuning run's output directory holding ``hellm_adapter.safetensors`` /
+``.json``; ``--data`` must be the run's dataset, loaded with the run's ``max_len`` unless ``--max-len`` is
+given). This is what the authors' ≈14 min per evaluation are spent on: one LLM forward pass per user.
+
+- ``project``   exactly ``hellm-ds evaluate`` (``hellm_ds.train.evaluate.evaluate_checkpoint``): the item
+  table and bias from ``HeLLM.item_scoring`` once, then ``evaluate`` over every user of both splits with
+  ``--batch-size`` users per LLM forward (``HeLLM.user_vectors``) and the chunked factorised ranking above;
+- ``baseline``  the authors' loop: one user per forward pass (batch size 1) computing the full logits
+  ``model(batch)`` (``HeLLM.forward``: [1, n_items + 1], padding column −∞), the history masked item by item in
+  Python (``filtered``), ``torch.topk`` per user and protocol; timed on ``--baseline-users`` users per split
+  (after one untimed warm-up forward) and EXTRAPOLATED to all users, as above.
+
+Both exclude loading the model (reported separately). The guard is the same, with the tolerance on the
+metrics relaxed to 1e-5 (``--tolerance``): the LLM forward runs at batch size 1 vs ``--batch-size`` (other
+padding, other BLAS blocking), so fp32 scores differ in the last bits; the per-user top-k positions must
+still be identical (a near-tie flip within ~1e-5 would fail the guard: the JSON records the largest score
+gap between the two paths, ``max_abs_target_score_diff``, to judge it). A low-precision (bf16/fp16) export
+needs a larger ``--tolerance`` and can flip ranks; the guard says so rather than hiding it.
+
+    OMP_NUM_THREADS=1 python launch/bench_eval.py --checkpoint /tmp/ft/toys_tied --data ../shared/data/toys \
+        --device cpu --baseline-users 300 --batch-size 256
 
 The JSON has the shape of the other benchmarks (``hellm_ds.utils.bench.write_bench_json``): a header
 (``benchmark``, ``date``, ``device``, ``torch``, ``config``, ``data``, ...), ``results`` (one record per method:
@@ -49,6 +72,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +93,7 @@ from hellm_ds.eval.ranking import PROTOCOLS, rank_targets
 SPLITS = ("valid", "test")
 TOPK = max(DEFAULT_KS)
 TOLERANCE = 1e-9
+MODEL_TOLERANCE = 1e-5  # model mode: fp32 LLM forward at batch size 1 vs --batch-size
 PLANT = 0.4  # weight of the pull towards the held-out items in the random user vectors
 
 
@@ -120,22 +145,23 @@ def graph_vectors(path: str, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor, s
 
 
 # ---- the baseline: one user at a time (the authors' evaluation loop) -------------------------------------
-def baseline_eval(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tensor, users: np.ndarray,
-                  device: torch.device) -> tuple[dict, dict[str, list[int]]]:
-    """Metrics ``{protocol: {metric@k: mean}}`` over ``users`` (internal indices of ``ds`` with a held-out
-    item), and each user's 0-based top-k position of the target (``TOPK`` = not in the top-k)."""
+def _baseline_loop(ds: Dataset, split: str, users: np.ndarray, score_fn: Callable[[int, int], torch.Tensor]
+                   ) -> tuple[dict, dict[str, list[int]], list[float]]:
+    """The per-user loop over ``users`` (internal indices of ``ds`` with a held-out item): ``score_fn(w, u)``
+    gives a fresh dense score vector over the catalogue for the split's example ``w`` (user ``u``). Returns
+    the metrics, each user's top-k position and the target's score."""
     s = ds.split(split)
     where = np.searchsorted(s.users, users)
-    item_d = item.to(device)
-    user_d = user.to(device)
     sums = {p: {f"{m}@{k}": 0.0 for m in METRICS for k in DEFAULT_KS} for p in PROTOCOLS}
     positions: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
+    target_scores: list[float] = []
     for w in where:
         u = int(s.users[w])
         target = int(s.targets[w])
         history = ds.items[max(s.hist_start[w], s.hist_end[w] - ds.max_len): s.hist_end[w]].tolist()
-        scores = item_d @ user_d[u]  # a dense score per catalogue item
+        scores = score_fn(int(w), u)  # a dense score per catalogue item
         scores[0] = -math.inf  # padding
+        target_scores.append(float(scores[target]))
         for proto in PROTOCOLS:
             if proto == "filtered":
                 scores = scores.clone()
@@ -152,7 +178,32 @@ def baseline_eval(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tenso
                     sums[proto][f"Precision@{k}"] += 1.0 / k
                     sums[proto][f"MAP@{k}"] += 1.0 / (r + 1)
     n = max(len(users), 1)
-    return {p: {m: v / n for m, v in ms.items()} for p, ms in sums.items()}, positions
+    return {p: {m: v / n for m, v in ms.items()} for p, ms in sums.items()}, positions, target_scores
+
+
+def baseline_eval(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tensor, users: np.ndarray,
+                  device: torch.device) -> tuple[dict, dict[str, list[int]]]:
+    """Metrics ``{protocol: {metric@k: mean}}`` over ``users`` (internal indices of ``ds`` with a held-out
+    item), and each user's 0-based top-k position of the target (``TOPK`` = not in the top-k)."""
+    item_d = item.to(device)
+    user_d = user.to(device)
+    metrics, positions, _ = _baseline_loop(ds, split, users, lambda w, u: item_d @ user_d[u])
+    return metrics, positions
+
+
+@torch.no_grad()
+def baseline_model_eval(ds: Dataset, split: str, model, users: np.ndarray, device: torch.device
+                        ) -> tuple[dict, dict[str, list[int]], list[float]]:
+    """The authors' loop with the LLM: per user, a batch of one through ``model(batch)`` (full logits
+    [1, n_items + 1] in fp32), then masking and top-k as in ``baseline_eval``. Also returns the targets'
+    scores."""
+    examples = NextItemExamples(ds, split)
+
+    def scores(w: int, u: int) -> torch.Tensor:
+        batch = {k: v.to(device) for k, v in examples.collate([w]).items()}
+        return model(batch)[0]
+
+    return _baseline_loop(ds, split, users, scores)
 
 
 def project_ranks(ds: Dataset, split: str, user: torch.Tensor, item: torch.Tensor, users: np.ndarray,
@@ -199,6 +250,45 @@ def run_project(ds: Dataset, user: torch.Tensor, item: torch.Tensor, batch_size:
     return res, time.perf_counter() - t0
 
 
+def run_model_project(ds: Dataset, model, batch_size: int, device: torch.device,
+                      capture: dict | None = None) -> tuple[dict, float]:
+    """``evaluate_checkpoint``'s work after loading, timed: ``item_scoring`` once, then ``evaluate`` of both
+    splits with batched ``user_vectors``. ``capture`` (the guard's subset run) collects, per split, each
+    batch's ``(targets, input_ids, user vectors)`` and the item table/bias for the per-user comparison."""
+    sync(device)
+    t0 = time.perf_counter()
+    W, b = model.item_scoring()
+    res = {}
+    for split in SPLITS:
+        def user_fn(batch: dict, split: str = split) -> torch.Tensor:
+            u = model.user_vectors(batch).float()
+            if capture is not None:
+                capture.setdefault(split, []).append((batch["targets"], batch["input_ids"], u))
+            return u
+
+        res[split] = evaluate(ds, split, user_fn, item_vectors=W, item_bias=b, batch_size=batch_size,
+                              device=device, progress=False)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    if capture is not None:
+        capture["scoring"] = (W.to(device), b.to(device))
+    return res, seconds
+
+
+def captured_ranks(capture: dict, split: str) -> tuple[dict[str, list[int]], list[float]]:
+    """The evaluator's ranks (``rank_targets``) of the captured user vectors, in evaluation order, and the
+    targets' scores ``u · W[t] + b[t]``."""
+    W, b = capture["scoring"]
+    ranks: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
+    scores: list[float] = []
+    for targets, history, u in capture[split]:
+        r = rank_targets(u, W, targets, history, b)
+        for p in PROTOCOLS:
+            ranks[p] += r[p].cpu().tolist()
+        scores += ((u * W[targets]).sum(-1) + b[targets]).cpu().tolist()
+    return ranks, scores
+
+
 def table(records: list[dict]) -> str:
     lines = [(f"{'method':<9} {'status':<6} {'users timed':>11} {'s (all users)':>14} {'users/s':>10} "
               f"{'ms/user':>8} {'peak MB':>8}  note")]
@@ -216,13 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default=None, help="dataset directory (default: a synthesised one in a temp dir)")
     ap.add_argument("--synth-users", type=int, default=20000, help="users of the default synthetic dataset")
     ap.add_argument("--synth-items", type=int, default=12000, help="items of the default synthetic dataset")
-    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--max-len", type=int, default=None,
+                    help="history length (default 50; with --checkpoint the run's)")
     ap.add_argument("--dim", type=int, default=64, help="vector width of the random vectors")
     ap.add_argument("--graph-emb", default=None, help="exported graph embedding (safetensors: user, item)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="model mode: a fine-tuning run's output directory (hellm_adapter.*); needs --data")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--batch-size", type=int, default=1024, help="users per batch of the project's evaluator")
     ap.add_argument("--baseline-users", type=int, default=500,
                     help="users the per-user baseline is timed on (per split); extrapolated to all")
+    ap.add_argument("--tolerance", type=float, default=None,
+                    help=f"guard's max |Δ metric| (default {TOLERANCE}; model mode {MODEL_TOLERANCE})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--out", default="runs/bench/eval.json")
@@ -241,11 +336,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("bench_eval.py: error: --device cuda but torch sees no GPU")
     if args.dim < 1 or args.batch_size < 1 or args.baseline_users < 1:
         raise SystemExit("bench_eval.py: error: --dim, --batch-size and --baseline-users must be ≥ 1")
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise SystemExit("bench_eval.py: error: --tolerance must be ≥ 0")
 
     def log(s: str) -> None:
         if not args.quiet:
             print(s, flush=True)
 
+    if args.checkpoint is not None:
+        return _main_model(args, device, log)
+    if args.max_len is None:
+        args.max_len = 50
     tmp = None
     if args.data is None:
         from hellm_ds.data.synth import SynthConfig, write_synthetic
@@ -268,6 +369,43 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.cleanup()
 
 
+def _prepare(args, ds: Dataset, notes: list[str]) -> tuple[int, np.ndarray]:
+    """(evaluated users per split, the baseline's seeded user subset)."""
+    n_eval = len(ds.split("valid"))
+    if n_eval == 0:
+        raise SystemExit(f"bench_eval.py: error: {ds.root} has no user with ≥ 3 items to evaluate")
+    if ds.n_items < TOPK + ds.max_len:
+        notes.append(f"catalogue of {ds.n_items} items < top-k {TOPK} + max_len {ds.max_len}: the baseline's "
+                     "top-k may contain masked items")
+    rng = np.random.default_rng(args.seed)
+    eval_users = ds.split("valid").users  # the same users in both splits
+    return n_eval, np.sort(rng.choice(eval_users, size=min(args.baseline_users, n_eval), replace=False))
+
+
+def _header(args, ds: Dataset, source: str, device: torch.device, n_eval: int, dim: int, vectors: str,
+            notes: list[str]) -> dict:
+    return {
+        "benchmark": "eval", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in vars(args).items()},
+        "data": {"source": source, "users": ds.n_users, "items": ds.n_items, "eval_users_per_split": n_eval,
+                 "ranked_users": n_eval * len(SPLITS), "max_len": ds.max_len, "dim": dim, "vectors": vectors,
+                 "splits": list(SPLITS), "protocols": list(PROTOCOLS), "ks": list(DEFAULT_KS)},
+        "notes": notes,
+    }
+
+
+def _count_mismatches(project_ranks_: dict[str, dict[str, list[int]]], base_pos: dict) -> int:
+    mismatches = 0
+    for split in SPLITS:
+        for p in PROTOCOLS:
+            for r_proj, r_base in zip(project_ranks_[split][p], base_pos[split][p], strict=True):
+                if min(r_proj, TOPK) != r_base:
+                    mismatches += 1
+    return mismatches
+
+
 def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
     notes = []
     if args.graph_emb:
@@ -280,25 +418,8 @@ def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
         vectors = (f"random (seed {args.seed}): items N(0, 1/d); users = mean of training items + "
                    f"{PLANT} × held-out items + noise")
     dim = int(item.shape[1])
-    n_eval = len(ds.split("valid"))
-    if n_eval == 0:
-        raise SystemExit(f"bench_eval.py: error: {ds.root} has no user with ≥ 3 items to evaluate")
-    if ds.n_items < TOPK + ds.max_len:
-        notes.append(f"catalogue of {ds.n_items} items < top-k {TOPK} + max_len {ds.max_len}: the baseline's "
-                     "top-k may contain masked items")
-    rng = np.random.default_rng(args.seed)
-    eval_users = ds.split("valid").users  # the same users in both splits
-    sub = np.sort(rng.choice(eval_users, size=min(args.baseline_users, n_eval), replace=False))
-    header = {
-        "benchmark": "eval", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "config": {k: v for k, v in vars(args).items()},
-        "data": {"source": source, "users": ds.n_users, "items": ds.n_items, "eval_users_per_split": n_eval,
-                 "ranked_users": n_eval * len(SPLITS), "max_len": ds.max_len, "dim": dim, "vectors": vectors,
-                 "splits": list(SPLITS), "protocols": list(PROTOCOLS), "ks": list(DEFAULT_KS)},
-        "notes": notes,
-    }
+    n_eval, sub = _prepare(args, ds, notes)
+    header = _header(args, ds, source, device, n_eval, dim, vectors, notes)
     log(f"# eval benchmark on {header['device']} (torch {header['torch']}, {header['threads']} threads): "
         f"{ds.n_users} users × {ds.n_items} items, {n_eval} evaluated users per split, d={dim}; "
         f"splits {'+'.join(SPLITS)}, protocols {'+'.join(PROTOCOLS)}")
@@ -322,48 +443,151 @@ def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
     base_peak, peak_kind = _peak(device)
 
     diff = compare(proj_sub, base_sub)
-    mismatches = 0
-    for split in SPLITS:
-        ranks = project_ranks(ds, split, user, item, sub, device)
-        for p in PROTOCOLS:
-            for r_proj, r_base in zip(ranks[p], base_pos[split][p]):
-                if min(r_proj, TOPK) != r_base:
-                    mismatches += 1
-    correct = diff <= TOLERANCE and mismatches == 0
+    mismatches = _count_mismatches({split: project_ranks(ds, split, user, item, sub, device) for split in SPLITS},
+                                   base_pos)
+    tolerance = TOLERANCE if args.tolerance is None else args.tolerance
 
     # -- project: every user --
     _reset_peak(device)
     proj_all, proj_s = run_project(ds, user_d, item_d, args.batch_size, device)
     proj_peak, _ = _peak(device)
 
+    return _report(args, header, notes, device, log, ds, dim, n_eval, sub, proj_all, proj_s, proj_peak, peak_kind,
+                   base_s, base_peak, proj_sub, proj_sub_s, base_sub, diff, tolerance, mismatches,
+                   project_note="hellm_ds.eval.evaluate", baseline_note="per-user loop", extra_params={},
+                   extra_guard={})
+
+
+def _main_model(args, device: torch.device, log) -> dict:
+    """Model mode: load the run's dataset (its max_len) and export, then benchmark (``_run_model``)."""
+    from hellm_ds.errors import DataFormatError, UsageError
+    from hellm_ds.train.evaluate import load_checkpoint_model, read_adapter_meta, run_max_len
+
+    if args.graph_emb:
+        raise SystemExit("bench_eval.py: error: --checkpoint and --graph-emb are exclusive")
+    if args.data is None:
+        raise SystemExit("bench_eval.py: error: --checkpoint needs --data (the run's dataset)")
+    try:
+        meta = read_adapter_meta(args.checkpoint)  # a missing/garbled export fails before the dataset is read
+        if args.max_len is None:
+            args.max_len = run_max_len(args.checkpoint) or 50
+        ds = load_dataset(args.data, max_len=args.max_len)
+        sync(device)
+        t0 = time.perf_counter()
+        model = load_checkpoint_model(args.checkpoint, ds, device, meta=meta)
+        sync(device)
+        load_s = time.perf_counter() - t0
+    except (UsageError, DataFormatError) as e:
+        raise SystemExit(f"bench_eval.py: error: {e}") from None
+    return _run_model(args, ds, str(args.data), device, log, model, meta, load_s)
+
+
+def _run_model(args, ds: Dataset, source: str, device: torch.device, log, model, meta: dict,
+               load_s: float) -> dict:
+    notes: list[str] = []
+    cfg = meta["model"]
+    dim = int(model.hidden_size)
+    dtype = str(model.dtype).replace("torch.", "")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_eval, sub = _prepare(args, ds, notes)
+    vectors = (f"fine-tuned HeLLM {args.checkpoint} (backbone {cfg.get('model')}, {dtype}, item head "
+               f"{cfg.get('item_head')}, prefix {model.cfg.prefix_len if model.cfg.prefix_on else 0}, "
+               f"{n_params:,} parameters, epoch {meta.get('epoch')}): user vectors = HeLLM.user_vectors, "
+               "items = HeLLM.item_scoring")
+    if dtype != "float32":
+        notes.append(f"{dtype} model: the batch-1 and batched forwards round differently; the guard's "
+                     "tolerance may need raising (--tolerance) and near-ties can change top-k positions")
+    header = _header(args, ds, source, device, n_eval, dim, vectors, notes)
+    header["model"] = {"checkpoint": str(args.checkpoint), "config": cfg, "dtype": dtype, "parameters": n_params,
+                       "epoch": meta.get("epoch"), "load_seconds": load_s}
+    log(f"# eval benchmark (model mode) on {header['device']} (torch {header['torch']}, {header['threads']} "
+        f"threads): {args.checkpoint} ({cfg.get('model')}, {dtype}, H={dim}, {n_params:,} parameters; loaded in "
+        f"{load_s:.1f} s); {ds.n_users} users × {ds.n_items} items, max_len {ds.max_len}, {n_eval} evaluated "
+        f"users per split; splits {'+'.join(SPLITS)}, protocols {'+'.join(PROTOCOLS)}")
+
+    # -- correctness guard on the subset (also the project's warm-up), keeping its user vectors --
+    sub_ds = subset_dataset(ds, sub)
+    capture: dict = {}
+    proj_sub, proj_sub_s = run_model_project(sub_ds, model, args.batch_size, device, capture)
+    proj_ranks, proj_scores = {}, {}
+    for split in SPLITS:
+        proj_ranks[split], proj_scores[split] = captured_ranks(capture, split)
+    del capture
+
+    # -- baseline: one forward per user, timed on the subset, extrapolated --
+    warm = subset_dataset(ds, sub[:1])
+    baseline_model_eval(warm, "valid", model, warm.split("valid").users, device)  # untimed warm-up forward
+    _reset_peak(device)
+    base_sub: dict = {}
+    base_pos: dict = {}
+    base_scores: dict = {}
+    sync(device)
+    t0 = time.perf_counter()
+    for split in SPLITS:
+        base_sub[split], base_pos[split], base_scores[split] = baseline_model_eval(ds, split, model, sub, device)
+    sync(device)
+    base_s = time.perf_counter() - t0
+    base_peak, peak_kind = _peak(device)
+
+    diff = compare(proj_sub, base_sub)
+    mismatches = _count_mismatches(proj_ranks, base_pos)
+    score_diff = max(abs(a - b) for split in SPLITS
+                     for a, b in zip(proj_scores[split], base_scores[split], strict=True))
+    tolerance = MODEL_TOLERANCE if args.tolerance is None else args.tolerance
+
+    # -- project: every user (evaluate_checkpoint's work after loading) --
+    _reset_peak(device)
+    proj_all, proj_s = run_model_project(ds, model, args.batch_size, device)
+    proj_peak, _ = _peak(device)
+
+    notes.append("model loading is excluded from both timings (header model.load_seconds)")
+    return _report(args, header, notes, device, log, ds, dim, n_eval, sub, proj_all, proj_s, proj_peak, peak_kind,
+                   base_s, base_peak, proj_sub, proj_sub_s, base_sub, diff, tolerance, mismatches,
+                   project_note=f"evaluate_checkpoint: batched LLM forward ({args.batch_size} users) + chunked "
+                                "u·Wᵀ+b ranking",
+                   baseline_note="batch-1 LLM forward (full logits) + python masking + topk per user",
+                   extra_params={"mode": "model", "dtype": dtype},
+                   extra_guard={"max_abs_target_score_diff": score_diff,
+                                "tolerance_note": (f"fp32 LLM forward at batch size 1 vs {args.batch_size}: "
+                                                   "scores agree to rounding, metrics to the tolerance; "
+                                                   "top-k positions must be identical")})
+
+
+def _report(args, header: dict, notes: list[str], device: torch.device, log, ds: Dataset, dim: int, n_eval: int,
+            sub: np.ndarray, proj_all: dict, proj_s: float, proj_peak: float, peak_kind: str, base_s: float,
+            base_peak: float, proj_sub: dict, proj_sub_s: float, base_sub: dict, diff: float, tolerance: float,
+            mismatches: int, project_note: str, baseline_note: str, extra_params: dict, extra_guard: dict) -> dict:
+    """Records, summary, JSON, table; fails loudly (after writing) when the guard failed."""
+    correct = diff <= tolerance and mismatches == 0
     ranked_sub = len(sub) * len(SPLITS)
     ranked_all = n_eval * len(SPLITS)
     base_per_user = base_s / ranked_sub
     base_all = base_per_user * ranked_all
-    common = {"splits": list(SPLITS), "protocols": list(PROTOCOLS), "dim": dim, "items": ds.n_items}
+    common = {"splits": list(SPLITS), "protocols": list(PROTOCOLS), "dim": dim, "items": ds.n_items,
+              **extra_params}
     records = [
         {"name": "project", "params": {**common, "batch_size": args.batch_size, "users": ranked_all},
          "metrics": {"seconds": proj_s, "seconds_measured": proj_s, "users_measured": ranked_all,
                      "users_per_s": ranked_all / proj_s, "ms_per_user": 1e3 * proj_s / ranked_all,
                      "extrapolated": False, "peak_mem_mb": proj_peak, "peak_mem_kind": peak_kind},
-         "status": "ok", "note": f"hellm_ds.eval.evaluate, all {ranked_all} ranked users (both splits)"},
+         "status": "ok", "note": f"{project_note}, all {ranked_all} ranked users (both splits)"},
         {"name": "baseline", "params": {**common, "batch_size": 1, "users": ranked_all, "topk": TOPK},
          "metrics": {"seconds": base_all, "seconds_measured": base_s, "users_measured": ranked_sub,
                      "users_per_s": 1.0 / base_per_user, "ms_per_user": 1e3 * base_per_user,
                      "extrapolated": ranked_sub < ranked_all, "peak_mem_mb": base_peak,
                      "peak_mem_kind": peak_kind},
          "status": "ok",
-         "note": (f"per-user loop, timed on {ranked_sub} ranked users ({len(sub)} per split), "
+         "note": (f"{baseline_note}, timed on {ranked_sub} ranked users ({len(sub)} per split), "
                   f"EXTRAPOLATED to {ranked_all}" if ranked_sub < ranked_all else
-                  f"per-user loop, all {ranked_all} ranked users (not extrapolated)")},
+                  f"{baseline_note}, all {ranked_all} ranked users (not extrapolated)")},
     ]
     summary = {
         "speedup": base_all / proj_s,
         "speedup_note": "baseline seconds extrapolated to all users / project seconds measured on all users"
         if ranked_sub < ranked_all else "both measured on all users",
         "correct": correct,
-        "guard": {"users_per_split": len(sub), "max_abs_metric_diff": diff, "tolerance": TOLERANCE,
-                  "topk_position_mismatches": mismatches, "project_subset_seconds": proj_sub_s,
+        "guard": {"users_per_split": len(sub), "max_abs_metric_diff": diff, "tolerance": tolerance,
+                  "topk_position_mismatches": mismatches, **extra_guard, "project_subset_seconds": proj_sub_s,
                   "project_subset": proj_sub, "baseline_subset": base_sub},
         "metrics_all_users": proj_all,
     }
@@ -377,8 +601,9 @@ def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
     log(table(records))
     log(f"speed-up (project vs baseline{', baseline extrapolated' if ranked_sub < ranked_all else ''}): "
         f"{summary['speedup']:.1f}×")
-    log(f"guard on {len(sub)} users per split: max |Δ metric| {diff:.2e}, top-{TOPK} position mismatches "
-        f"{mismatches}: {'OK' if correct else 'FAILED'}")
+    extra = "".join(f", {k} {v:.2e}" for k, v in extra_guard.items() if isinstance(v, float))
+    log(f"guard on {len(sub)} users per split: max |Δ metric| {diff:.2e} (tolerance {tolerance:g}), top-{TOPK} "
+        f"position mismatches {mismatches}{extra}: {'OK' if correct else 'FAILED'}")
     for split in SPLITS:
         for p in PROTOCOLS:
             m = proj_all[split][p]

@@ -388,7 +388,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         # a second run would interleave its checkpoints, log and export with the first one's
         raise UsageError(f"{ckpt_dir} holds a run's checkpoints: pass --resume to continue it, or use a new "
                          "--out")
-    log = RunLog(out, enabled=rank == 0, tensorboard=False, fresh=not cfg.resume)
+    log = RunLog(out, enabled=rank == 0, fresh=not cfg.resume)  # + TensorBoard when installed
     show = cfg.progress and rank == 0
 
     dataset = load_dataset(cfg.data, max_len=cfg.max_len)

@@ -1,4 +1,5 @@
-"""launch/bench_eval.py on the CPU with a tiny synthetic dataset: JSON shape, the correctness guard, sub-datasets."""
+"""launch/bench_eval.py on the CPU with a tiny synthetic dataset: JSON shape, the correctness guard, sub-datasets;
+the model mode (``--checkpoint``) on a tiny HeLLM export made by the real trainer (two steps)."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,8 @@ from hellm_ds.data.dataset import load_dataset
 from hellm_ds.data.synth import SynthConfig, write_synthetic
 from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.utils.checkpoint import export_tensors
-
 from tests.launch.conftest import load_script
-
+from tests.train.test_finetune import run, tables  # noqa: F401  (tables: a module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,91 @@ def test_graph_emb_file(bench, data, tmp_path):
     want = evaluate(ds, "valid", lambda bt: user[bt["users"] + 1], item_vectors=item, progress=False)
     assert res["summary"]["metrics_all_users"]["valid"]["filtered"]["Recall@10"] == pytest.approx(
         want["filtered"]["Recall@10"])
+
+
+@pytest.fixture(scope="module")
+def export(tables, tmp_path_factory):  # noqa: F811
+    """A tiny fine-tuned HeLLM export (the real trainer, 2 steps, no evaluation) and its dataset."""
+    out = tmp_path_factory.mktemp("bench_eval_model") / "run"
+    run(tables, out, "--epochs", "1", "--steps-per-epoch", "2", "--skip-eval")
+    return out, tables[0]
+
+
+def test_model_mode_tiny_cpu(bench, export, tmp_path, capsys):
+    from hellm_ds.train.evaluate import evaluate_checkpoint, run_max_len
+
+    ckpt, data = export
+    out = tmp_path / "eval.json"
+    res = bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--device", "cpu", "--batch-size", "64",
+                      "--baseline-users", "25", "--out", str(out)])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["benchmark"] == "eval" and saved["device_type"] == "cpu" and saved["device"]
+    ds = load_dataset(data, max_len=run_max_len(ckpt))
+    assert saved["config"]["max_len"] == run_max_len(ckpt) == 10  # the run's, read from the export
+    n_eval = len(ds.split("valid"))
+    assert saved["data"]["ranked_users"] == 2 * n_eval and saved["data"]["dim"] == 64  # tiny LLaMA: H = 64
+    assert "fine-tuned HeLLM" in saved["data"]["vectors"]
+    m = saved["model"]
+    assert m["checkpoint"] == str(ckpt) and m["dtype"] == "float32" and m["parameters"] > 0
+    assert m["load_seconds"] > 0
+    recs = {r["name"]: r for r in saved["results"]}
+    assert set(recs) == {"project", "baseline"}
+    for r in recs.values():
+        assert r["status"] == "ok" and set(r) == {"name", "params", "metrics", "status", "note"}
+        assert r["params"]["mode"] == "model" and r["params"]["dtype"] == "float32"
+        mt = r["metrics"]
+        assert mt["seconds"] > 0 and mt["users_per_s"] > 0 and mt["ms_per_user"] > 0 and mt["peak_mem_mb"] > 0
+    assert recs["project"]["params"]["batch_size"] == 64 and recs["baseline"]["params"]["batch_size"] == 1
+    assert recs["project"]["metrics"]["users_measured"] == 2 * n_eval
+    b = recs["baseline"]["metrics"]
+    assert b["users_measured"] == 50 and b["extrapolated"] is True
+    assert b["seconds"] == pytest.approx(b["seconds_measured"] * 2 * n_eval / 50)
+    assert "EXTRAPOLATED" in recs["baseline"]["note"] and "batch-1 LLM forward" in recs["baseline"]["note"]
+    s = saved["summary"]
+    assert s["speedup"] == pytest.approx(b["seconds"] / recs["project"]["metrics"]["seconds"])
+    g = s["guard"]
+    assert s["correct"] is True and g["tolerance"] == bench.MODEL_TOLERANCE == 1e-5
+    assert g["users_per_split"] == 25 and g["topk_position_mismatches"] == 0
+    assert g["max_abs_metric_diff"] <= 1e-5 and g["max_abs_target_score_diff"] < 1e-3
+    for split in ("valid", "test"):
+        for proto in ("paper", "filtered"):
+            p, q = g["project_subset"][split][proto], g["baseline_subset"][split][proto]
+            assert set(p) == set(q) and len(p) == 15
+            assert all(p[k] == pytest.approx(q[k], abs=1e-5) for k in p)
+    assert any(g["project_subset"][sp][pr]["Recall@20"] > 0 for sp in ("valid", "test")
+               for pr in ("paper", "filtered"))  # the guard compares some hits, not only zeros
+    # the all-user metrics are hellm-ds evaluate's
+    want = evaluate_checkpoint(ckpt, ds, batch_size=200, device="cpu")
+    for split in ("valid", "test"):
+        for proto in ("paper", "filtered"):
+            got = s["metrics_all_users"][split][proto]
+            assert all(got[k] == pytest.approx(want[split][proto][k], abs=1e-6) for k in got)
+    assert "speed-up" in printed and "model mode" in printed and "OK" in printed
+    assert res["summary"]["correct"] is True
+
+
+def test_model_mode_guard_and_usage_errors(bench, export, tmp_path, monkeypatch):
+    ckpt, data = export
+    out = tmp_path / "eval.json"
+    real = bench.baseline_model_eval
+
+    def off_by_one(*a, **kw):
+        metrics, pos, scores = real(*a, **kw)
+        return metrics, {p: [min(r + 1, bench.TOPK) for r in v] for p, v in pos.items()}, scores
+
+    monkeypatch.setattr(bench, "baseline_model_eval", off_by_one)
+    with pytest.raises(SystemExit, match="disagree"):
+        bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--device", "cpu", "--baseline-users", "10",
+                    "--out", str(out), "--quiet"])
+    saved = json.loads(out.read_text())  # written before failing
+    assert saved["summary"]["correct"] is False and saved["summary"]["guard"]["topk_position_mismatches"] > 0
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="needs --data"):
+        bench.main(["--checkpoint", str(ckpt), "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit, match="exclusive"):
+        bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--graph-emb", "x", "--quiet"])
+    with pytest.raises(SystemExit, match="another dataset|max_len"):  # not the run's max_len: refused
+        bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--max-len", "12", "--out", str(out), "--quiet"])
+    with pytest.raises(SystemExit, match="holds no export"):
+        bench.main(["--checkpoint", str(tmp_path), "--data", str(data), "--out", str(out), "--quiet"])
