@@ -6,7 +6,8 @@ A model is given as ``user_fn(batch) -> Tensor``, where ``batch`` is the left-pa
   scores are ``u · item_vectors.T (+ item_bias)``, computed in item chunks (never a users × items matrix);
 - without, it returns dense scores ``[B, n_items + 1]`` for the batch.
 
-Each rank evaluates a disjoint shard of users; sums are all-reduced, so the result does not depend on the
+Users are batched by history length (a sequence model's batch is padded to its longest history). Each
+rank evaluates a disjoint shard of users; sums are all-reduced, so the result does not depend on the
 world size. ``lockstep=True`` makes every rank run the same number of forward passes (ZeRO-3 gathers
 parameters collectively in every forward); the filler samples are not counted.
 """
@@ -51,6 +52,10 @@ def evaluate(
     examples = NextItemExamples(dataset, split)
     rank, world = dist_rank_world()
     shard = ShardedSampler(len(examples), world, rank, shuffle=False, drop_last=False).indices()
+    # batches of similar history length pad little (the sums do not depend on the order); longest first,
+    # so a batch that does not fit shows at once
+    lengths = np.minimum(examples.ends - examples.starts, examples.max_len)
+    shard = shard[np.argsort(-lengths[shard], kind="stable")]
     n_batches = math.ceil(shard.size / batch_size)
     if lockstep:  # every rank runs as many batches as the largest shard needs
         n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
