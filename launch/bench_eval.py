@@ -263,7 +263,7 @@ def run_model_project(ds: Dataset, model, batch_size: int, device: torch.device,
         def user_fn(batch: dict, split: str = split) -> torch.Tensor:
             u = model.user_vectors(batch).float()
             if capture is not None:
-                capture.setdefault(split, []).append((batch["targets"], batch["input_ids"], u))
+                capture.setdefault(split, []).append((batch["users"], batch["targets"], batch["input_ids"], u))
             return u
 
         res[split] = evaluate(ds, split, user_fn, item_vectors=W, item_bias=b, batch_size=batch_size,
@@ -276,17 +276,18 @@ def run_model_project(ds: Dataset, model, batch_size: int, device: torch.device,
 
 
 def captured_ranks(capture: dict, split: str) -> tuple[dict[str, list[int]], list[float]]:
-    """The evaluator's ranks (``rank_targets``) of the captured user vectors, in evaluation order, and the
-    targets' scores ``u · W[t] + b[t]``."""
+    """The evaluator's ranks (``rank_targets``) of the captured user vectors and the targets' scores
+    ``u · W[t] + b[t]``, in user order (the evaluator batches users by history length)."""
     W, b = capture["scoring"]
-    ranks: dict[str, list[int]] = {p: [] for p in PROTOCOLS}
-    scores: list[float] = []
-    for targets, history, u in capture[split]:
+    users, scores, ranks = [], [], {p: [] for p in PROTOCOLS}
+    for batch_users, targets, history, u in capture[split]:
         r = rank_targets(u, W, targets, history, b)
         for p in PROTOCOLS:
             ranks[p] += r[p].cpu().tolist()
         scores += ((u * W[targets]).sum(-1) + b[targets]).cpu().tolist()
-    return ranks, scores
+        users += batch_users.cpu().tolist()
+    order = np.argsort(users, kind="stable")
+    return {p: [v[i] for i in order] for p, v in ranks.items()}, [scores[i] for i in order]
 
 
 def table(records: list[dict]) -> str:

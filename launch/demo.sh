@@ -2,8 +2,8 @@
 # The main job on the embedded default: set up on a fresh machine (first run only), synthesise a dataset with
 # planted structure, then run the whole pipeline on it — popularity, hypergraphs, graph pre-training (MMHCL),
 # SASRec, ZeRO-3 fine-tuning of a tiny LLaMA-architecture model on every available rank (2 CPU ranks
-# without a GPU), evaluation of the exported model — and print one comparison table. About 5 minutes on
-# 2 CPU cores. Everything lands in runs/demo/ (or the directory given as $1); a second run skips what is done.
+# without a GPU), evaluation of the exported model — and print one comparison table. About 3.5 minutes on
+# 2 idle CPU cores. Everything lands in runs/demo/ (or the directory given as $1); a second run skips what is done.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$root/launch/setup_env.sh"
