@@ -107,15 +107,12 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.train.evaluate import evaluate_checkpoint, read_adapter_meta, run_max_len
+    from hellm_ds.train.evaluate import evaluate_checkpoint, load_run_dataset
 
-    read_adapter_meta(args.checkpoint)  # a missing/garbled export fails before the dataset is read
-    max_len = args.max_len if args.max_len is not None else (run_max_len(args.checkpoint) or 50)
-    ds = load_dataset(args.data, max_len=max_len)
+    ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     return evaluate_checkpoint(args.checkpoint, ds, splits=splits, batch_size=args.batch_size,
-                               device=args.device, progress=not args.quiet)
+                               device=args.device, progress=not args.quiet, meta=meta)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hellm_ds.errors import UsageError
+from hellm_ds.utils.io import write_json_atomic
 
 STAGES = ("popularity", "graphs", "graph", "sasrec", "finetune", "evaluate")
 UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": ("finetune",)}
@@ -99,12 +100,6 @@ def _key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def read_stamp(stage_dir: Path) -> dict | None:
     p = stage_dir / STAMP
     if not p.is_file():
@@ -151,7 +146,7 @@ class Stage:
 
     def finish(self, result: dict, seconds: float) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_json(self.dir / STAMP, {"key": self.key, "inputs": self.inputs, "result": result,
+        write_json_atomic(self.dir / STAMP, {"key": self.key, "inputs": self.inputs, "result": result,
                                        "seconds": round(seconds, 2)})
         return result
 

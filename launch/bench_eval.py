@@ -462,17 +462,15 @@ def _run(args, ds: Dataset, source: str, device: torch.device, log) -> dict:
 def _main_model(args, device: torch.device, log) -> dict:
     """Model mode: load the run's dataset (its max_len) and export, then benchmark (``_run_model``)."""
     from hellm_ds.errors import DataFormatError, UsageError
-    from hellm_ds.train.evaluate import load_checkpoint_model, read_adapter_meta, run_max_len
+    from hellm_ds.train.evaluate import load_checkpoint_model, load_run_dataset
 
     if args.graph_emb:
         raise SystemExit("bench_eval.py: error: --checkpoint and --graph-emb are exclusive")
     if args.data is None:
         raise SystemExit("bench_eval.py: error: --checkpoint needs --data (the run's dataset)")
     try:
-        meta = read_adapter_meta(args.checkpoint)  # a missing/garbled export fails before the dataset is read
-        if args.max_len is None:
-            args.max_len = run_max_len(args.checkpoint) or 50
-        ds = load_dataset(args.data, max_len=args.max_len)
+        ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
+        args.max_len = ds.max_len
         sync(device)
         t0 = time.perf_counter()
         model = load_checkpoint_model(args.checkpoint, ds, device, meta=meta)

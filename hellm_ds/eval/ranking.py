@@ -48,6 +48,17 @@ def _row_count(mask: torch.Tensor) -> torch.Tensor:
     return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 
+def score_chunks(user_vectors: torch.Tensor, item_vectors: torch.Tensor, item_bias: torch.Tensor | None,
+                 chunk: int):
+    """Yield ``(lo, scores [B, hi - lo])`` of items ``lo..hi-1`` (from 1: row 0 is padding), scores =
+    ``u · Wᵀ (+ b)`` in the users' dtype — the one item loop of full ranking and top-k."""
+    n_rows = item_vectors.shape[0]
+    for lo in range(1, n_rows, chunk):
+        hi = min(lo + chunk, n_rows)
+        s = user_vectors @ item_vectors[lo:hi].to(user_vectors.dtype).T
+        yield lo, (s if item_bias is None else s + item_bias[lo:hi])
+
+
 def rank_targets(
     user_vectors: torch.Tensor,  # [B, d]
     item_vectors: torch.Tensor,  # [n_items + 1, d]; row 0 is padding
@@ -69,11 +80,7 @@ def rank_targets(
     paper = torch.zeros(B, dtype=torch.long, device=user_vectors.device)
     tied = torch.zeros_like(paper)
     filtered = torch.zeros_like(paper) if history is not None else None
-    for lo in range(1, n_items + 1, chunk):
-        hi = min(lo + chunk, n_items + 1)
-        s = user_vectors @ item_vectors[lo:hi].to(user_vectors.dtype).T
-        if item_bias is not None:
-            s = s + item_bias[lo:hi]
+    for lo, s in score_chunks(user_vectors, item_vectors, item_bias, chunk):
         p, f, t = _count_higher(s, lo, t_score, targets, history)
         paper += p
         tied += t

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hellm_ds.errors import DataFormatError, UsageError
+from hellm_ds.eval.ranking import score_chunks
 
 
 def read_user_ids(path: str | Path) -> tuple[list[int], list[int]]:
@@ -58,27 +59,25 @@ def top_k(user_vectors: torch.Tensor, item_vectors: torch.Tensor, item_bias: tor
           exclude: torch.Tensor | None = None, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores [B, k], item ids [B, k])`` of the best items (ids ≥ 1) by ``u · Wᵀ + b``, best first;
     ``exclude`` [B, L] item ids to skip (0 entries = padding, ignored)."""
-    B, n_rows = user_vectors.shape[0], item_vectors.shape[0]
+    B = user_vectors.shape[0]
     best_s = user_vectors.new_full((B, 0), float("-inf"))
     best_i = torch.zeros(B, 0, dtype=torch.long, device=user_vectors.device)
-    for lo in range(1, n_rows, chunk):  # row 0 is padding
-        hi = min(n_rows, lo + chunk)
-        s = user_vectors @ item_vectors[lo:hi].T
-        if item_bias is not None:
-            s = s + item_bias[lo:hi]
+    for lo, s in score_chunks(user_vectors, item_vectors, item_bias, chunk):
+        width = s.shape[1]
         if exclude is not None:
             local = exclude - lo
-            inside = (exclude > 0) & (local >= 0) & (local < hi - lo)
+            inside = (exclude > 0) & (local >= 0) & (local < width)
             rows = torch.arange(B, device=s.device)[:, None].expand_as(exclude)
             s[rows[inside], local[inside]] = float("-inf")
-        ks, ki = s.topk(min(k, hi - lo), dim=1)
+        ks, ki = s.topk(min(k, width), dim=1)
         best_s, order = torch.cat([best_s, ks], 1).topk(min(k, best_s.shape[1] + ks.shape[1]), dim=1)
         best_i = torch.cat([best_i, ki + lo], 1).gather(1, order)
     return best_s, best_i
 
 
 def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10, exclude_history: bool = False,
-              batch_size: int = 256, device: str = "auto", progress: bool = False) -> dict:
+              batch_size: int = 256, device: str = "auto", progress: bool = False,
+              meta: dict | None = None) -> dict:
     """See the module docstring; ``dataset`` must be the run's (checked)."""
     from tqdm import tqdm
 
@@ -94,7 +93,7 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
     except KeyError as e:
         raise UsageError(f"{e.args[0]} (not in {dataset.root}/sequences.txt)") from None
     dev = resolve_device(device)
-    model = load_checkpoint_model(checkpoint_dir, dataset, dev)
+    model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = (t.to(dev) for t in model.item_scoring())
     k = min(k, dataset.n_items)
     out = []
@@ -134,16 +133,13 @@ def add_cli(sub) -> None:
 
 
 def _cmd(args) -> dict:
-    from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.train.evaluate import read_adapter_meta, run_max_len
+    from hellm_ds.train.evaluate import load_run_dataset
 
     if args.users_file:
         users, lines = read_user_ids(args.users_file)
     else:
         users, lines = parse_user_list(args.users), None
-    read_adapter_meta(args.checkpoint)
-    max_len = args.max_len if args.max_len is not None else (run_max_len(args.checkpoint) or 50)
-    ds = load_dataset(args.data, max_len=max_len)
+    ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
     if lines is not None:  # name the file's line of an unknown id
         for user, lineno in zip(users, lines):
             try:
@@ -152,4 +148,4 @@ def _cmd(args) -> dict:
                 raise DataFormatError(args.users_file, lineno, f"user id not in {ds.root}/sequences.txt",
                                       user) from None
     return recommend(args.checkpoint, ds, users, k=args.k, exclude_history=args.exclude_history,
-                     batch_size=args.batch_size, device=args.device, progress=not args.quiet)
+                     batch_size=args.batch_size, device=args.device, progress=not args.quiet, meta=meta)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +30,7 @@ from hellm_ds.graph.operators import (
     item_hypergraph,
     user_hypergraph,
 )
+from hellm_ds.utils.io import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -87,16 +86,8 @@ class Graphs:
         meta = {"format": str(FORMAT_VERSION), "meta": json.dumps(self.meta, sort_keys=True),
                 "modalities": json.dumps(list(self.modalities)),
                 "R.shape": json.dumps(self.R.shape), "H.shape": json.dumps(None if self.H is None else self.H.shape)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()},
+                                                        tmp, metadata=meta))
 
     @staticmethod
     def load(path: str | Path) -> "Graphs":

@@ -170,9 +170,13 @@ class HeLLM(nn.Module):
             return table[input_ids]
         return self.projector(torch.cat([self.graph_items[input_ids], self.seq_items[input_ids]], dim=-1))
 
+    def item_features(self) -> torch.Tensor:
+        """Every item's projector input [g ‖ s] — [I+1, d_g + d_s]."""
+        return torch.cat([self.graph_items, self.seq_items], dim=-1)
+
     def item_table(self) -> torch.Tensor:
         """Every item's soft token [I+1, H] (row 0 = padding, masked in the scores)."""
-        return self.projector(torch.cat([self.graph_items, self.seq_items], dim=-1))
+        return self.projector(self.item_features())
 
     def item_scoring_params(self) -> list[nn.Parameter]:
         """The parameters ``item_scoring`` reads (gather them first under ZeRO-3)."""
@@ -185,7 +189,7 @@ class HeLLM(nn.Module):
         """``(item_vectors [I+1, H], item_bias [I+1])`` in fp32, detached copies: scores = u · Wᵀ + b rank
         exactly like ``forward``. Reads parameters directly (no module hooks)."""
         if self.cfg.item_head == "tied":
-            W = self.projector.functional(torch.cat([self.graph_items, self.seq_items], dim=-1))
+            W = self.projector.functional(self.item_features())
             return W.float().clone(), self.head.bias.detach().float().clone()
         return self.head.weight.detach().float().clone(), self.head.bias.detach().float().clone()
 

@@ -111,8 +111,20 @@ def load_checkpoint_model(checkpoint_dir: str | Path, dataset, device: str | tor
     return model
 
 
+def load_run_dataset(checkpoint_dir: str | Path, data: str | Path, max_len: int | None = None):
+    """``(dataset, meta)``: the export's ``hellm_adapter.json`` (checked first, so a missing or garbled export
+    fails before the dataset is read) and the dataset loaded with the run's ``max_len`` unless one is given."""
+    from hellm_ds.data.dataset import load_dataset
+
+    meta = read_adapter_meta(checkpoint_dir)
+    if max_len is None:
+        max_len = run_max_len(checkpoint_dir, meta) or 50
+    return load_dataset(data, max_len=max_len), meta
+
+
 def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batch_size: int = 256,
-                        device: str | torch.device = "auto", progress: bool = False) -> dict:
+                        device: str | torch.device = "auto", progress: bool = False,
+                        meta: dict | None = None) -> dict:
     """``{"valid": {"paper": {...}, "filtered": {...}}, "test": {...}}`` of the export in ``checkpoint_dir``
     on ``dataset`` (which must be the run's; see the module docstring)."""
     from hellm_ds.eval.evaluator import evaluate_splits
@@ -124,23 +136,25 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batc
     if batch_size < 1:
         raise UsageError(f"batch size must be ≥ 1, got {batch_size}")
     dev = resolve_device(device)
-    model = load_checkpoint_model(checkpoint_dir, dataset, dev)
+    model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = model.item_scoring()
     return evaluate_splits(dataset, lambda batch: model.user_vectors(batch).float(), splits=splits,
                            item_vectors=W, item_bias=b, batch_size=batch_size, device=dev, progress=progress)
 
 
-def run_max_len(checkpoint_dir: str | Path) -> int | None:
-    """The ``--max-len`` the run trained with (``hellm_adapter.json``, else its ``log.jsonl`` start record),
-    or None if not recorded."""
-    from hellm_ds.train.finetune import ADAPTER_CONFIG
+def run_max_len(checkpoint_dir: str | Path, meta: dict | None = None) -> int | None:
+    """The ``--max-len`` the run trained with (``hellm_adapter.json`` — ``meta`` when already read — else its
+    ``log.jsonl`` start record), or None if not recorded."""
+    if meta is None:
+        from hellm_ds.train.finetune import ADAPTER_CONFIG
 
-    try:
-        v = json.loads((Path(checkpoint_dir) / ADAPTER_CONFIG).read_text()).get("max_len")
-        if isinstance(v, int):
-            return v
-    except (OSError, ValueError, AttributeError):
-        pass
+        try:
+            meta = json.loads((Path(checkpoint_dir) / ADAPTER_CONFIG).read_text())
+        except (OSError, ValueError):
+            meta = {}
+    v = meta.get("max_len") if isinstance(meta, dict) else None
+    if isinstance(v, int):
+        return v
     path = Path(checkpoint_dir) / "log.jsonl"
     if not path.is_file():
         return None

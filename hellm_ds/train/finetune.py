@@ -75,7 +75,6 @@ import math
 import os
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -86,6 +85,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hellm_ds.errors import UsageError
+from hellm_ds.utils.io import write_json_atomic
 
 ADAPTER_NAME = "hellm_adapter.safetensors"
 ADAPTER_CONFIG = "hellm_adapter.json"
@@ -336,14 +336,6 @@ def _micro_seed(seed: int, epoch: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, step, micro, rank]).generate_state(1)[0])
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def read_latest(ckpt_dir: Path) -> str | None:
     p = ckpt_dir / LATEST
     if not p.is_file():
@@ -446,7 +438,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         rep = partition_report(hmodel, rank, world)
         rep.update(zero_stage=stage, constructed_partitioned=len(constructed_partitioned),
                    backbone_params=sum(1 for _ in hmodel.backbone.parameters()))
-        _write_json_atomic(out / "partitioning" / f"rank{rank}.json", rep)
+        write_json_atomic(out / "partitioning" / f"rank{rank}.json", rep)
 
     # -- state (possibly resumed) --
     epoch0, step_in_epoch, global_step = 0, 0, 0
@@ -493,7 +485,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                exclude_frozen_parameters=True)
         dist.barrier()  # every rank's files are written: only now move the pointer
         if rank == 0:
-            _write_json_atomic(ckpt_dir / LATEST, tag)
+            write_json_atomic(ckpt_dir / LATEST, tag)
             tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
                           key=lambda d: _tag_order(d.name))
             for d in tags[: max(0, len(tags) - cfg.keep_checkpoints)]:
@@ -514,7 +506,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if base is not None:
                 export_tensors(out / BASE_NAME, base, m, fingerprint, overwrite_other_dataset=True)
             export_tensors(out / ADAPTER_NAME, state, m, fingerprint, overwrite_other_dataset=True)
-            _write_json_atomic(out / ADAPTER_CONFIG, {**m, "dataset": fingerprint})
+            write_json_atomic(out / ADAPTER_CONFIG, {**m, "dataset": fingerprint})
         dist.barrier()
 
     def run_eval(split: str) -> dict:
@@ -599,7 +591,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if rank == 0:
         name = "partial_" + RESULTS_NAME if stopped == "max_steps" else RESULTS_NAME
         # per-step losses live in log.jsonl (across resumes); ``seconds`` is this invocation's wall time
-        _write_json_atomic(out / name, {k: v for k, v in results.items() if k != "losses"})
+        write_json_atomic(out / name, {k: v for k, v in results.items() if k != "losses"})
     log.log("done", step=global_step, best_epoch=best.get("epoch"), stopped=stopped)
     log.close()
     del hf_ds_config

@@ -9,8 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,23 +16,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from hellm_ds.errors import DataFormatError, UsageError
-
-
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from hellm_ds.utils.io import atomic_write
 
 
 def save_state(path: str | Path, state: dict) -> Path:
-    return _atomic(Path(path), lambda tmp: torch.save(state, tmp))
+    return atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_state(path: str | Path) -> dict:
@@ -55,7 +41,7 @@ def export_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
             raise UsageError(f"{path} was exported from another dataset ({str(old.get('dataset'))[:12]}…); "
                              "refusing to overwrite it")
     meta = {"hellm": json.dumps({**metadata, "dataset": dataset_fingerprint}, sort_keys=True, default=str)}
-    return _atomic(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+    return atomic_write(path, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
                                                tmp, metadata=meta))
 
 

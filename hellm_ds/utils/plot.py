@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 from hellm_ds.errors import DataFormatError, UsageError
+from hellm_ds.utils.io import atomic_write
 from hellm_ds.utils.runlog import read_log
 
 LOG_NAME = "log.jsonl"
@@ -308,18 +308,10 @@ def _int_x(ax) -> None:
 
 
 def _save(fig, canvas_cls, out: Path, name: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    dest = out / name
-    tmp = out / f".{name}.{os.getpid()}.tmp"
     canvas_cls(fig)
     for ax in fig.axes:
         _int_x(ax)  # epochs and steps are whole numbers
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+    return atomic_write(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
 
 def _finite(points):
