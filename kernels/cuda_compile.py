@@ -1,0 +1,195 @@
+"""Compile the Triton kernels for a CUDA GPU on a machine without one: every specialisation the graph stage launches.
+
+    python -m hellm_ds.kernels.cuda_compile --arch 90 [--arch 80] [--cache-dir DIR]
+
+The graph stage's real code paths (U2U / I2I propagation, LightGCN, ``sparse_mm`` with learned values, each
+forward and backward, in fp32 / bf16 / fp64 at several feature widths, int32 and int64 indices, with hub rows)
+run on small CPU tensors while every kernel launch is intercepted: its arguments go through Triton's own
+binder for the CUDA target (the same type and alignment specialisation a GPU launch would make) and the
+resulting specialisation is compiled to a cubin with Triton's bundled ``ptxas``. Nothing executes on a GPU,
+so the outputs of the intercepted launches are left unset — this checks compilation, not numbers (those are
+checked under ``TRITON_INTERPRET=1`` and on a GPU by ``tests/kernels``).
+
+Prints JSON: per specialisation, registers, spilled bytes, shared memory (``cuobjdump --dump-resource-usage``)
+and the PTX's global loads by width (``ld.global.v4.b32`` = 128-bit vector loads of X). Exit status 1 when any
+specialisation fails to compile or spills registers. The cubins are written where Triton keeps its cache
+(``--cache-dir``, else ``TRITON_CACHE_DIR``, else ``~/.triton/cache``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompiledSpec:
+    kernel: str
+    arch: int
+    signature: dict
+    constexprs: dict
+    width: int = -1
+    registers: int = -1
+    spill_bytes: int = -1
+    global_loads: dict = field(default_factory=dict)
+    shared_bytes: int = -1
+    seconds: float = 0.0
+    error: str | None = None
+
+    def summary(self) -> dict:
+        types = sorted({v for v in self.signature.values() if v.startswith("*")})
+        flags = {k: v for k, v in self.constexprs.items() if k.startswith(("HAS_", "BLOCK", "GROUP", "ACC"))}
+        out = {"kernel": self.kernel, "arch": f"sm_{self.arch}", "pointer_types": types, **flags,
+               "width": self.width, "registers": self.registers, "spill_bytes": self.spill_bytes,
+               "shared_bytes": self.shared_bytes, "global_loads": self.global_loads, "seconds": round(self.seconds, 2)}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+@dataclass
+class Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args)`` compiles the launch for each arch."""
+
+    fn: object  # the JITFunction
+    archs: tuple[int, ...]
+    compiled: dict = field(default_factory=dict)
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launch(args, kwargs)
+
+    def launch(self, args, kwargs):
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        from triton import knobs
+
+        # the options a GPU launch adds before binding (JITFunction.run), so the specialisation is the same
+        kwargs = dict(kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug)
+        for option in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+            if hasattr(knobs.compilation, option):
+                kwargs[option] = getattr(knobs.compilation, option)
+        for arch in self.archs:
+            target = GPUTarget("cuda", arch, 32)
+            backend = make_backend(target)
+            binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+            bound, specialization, options = binder(*args, **kwargs)
+            key = (arch, repr(specialization), repr(options))
+            if key in self.compiled:
+                continue
+            options, signature, constexprs, attrs = self.fn._pack_args(backend, kwargs, bound, specialization,
+                                                                        options)
+            names = list(bound)
+            spec = CompiledSpec(self.fn.__name__, arch, dict(signature),
+                                {names[p[0]]: str(v) for p, v in constexprs.items()}, width=int(bound["D"]))
+            t0 = time.perf_counter()
+            try:
+                src = triton.compiler.ASTSource(self.fn, signature, constexprs, attrs)
+                kernel = triton.compile(src, target=target, options=options.__dict__)
+                spec.registers, spec.spill_bytes, spec.shared_bytes = resource_usage(kernel.asm["cubin"])
+                loads = Counter(re.findall(r"ld\.global(?:\.\w+)*", kernel.asm["ptx"]))
+                spec.global_loads = dict(sorted(loads.items()))
+            except Exception as exc:  # report every failing specialisation, not just the first
+                spec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+            spec.seconds = time.perf_counter() - t0
+            self.compiled[key] = spec
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, spilled bytes (local memory), static shared memory) of a cubin's kernel."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
+                              capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", text))
+    return int(fields.get("REG", -1)), int(fields.get("LOCAL", -1)), int(fields.get("SHARED", -1))
+
+
+def exercise_graph_stage(seed: int = 0) -> None:
+    """Run every launch path of the graph stage once on small CPU tensors (see module docstring)."""
+    import numpy as np
+    import torch
+
+    from hellm_ds.graph.csr import CSR
+    from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
+    from hellm_ds.kernels.autograd import lightgcn_propagate, propagate, sparse_mm
+    from hellm_ds.kernels.spmm_triton import make_plan
+
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 70, 40
+    lengths = rng.integers(0, 6, n_users)
+    lengths[3] = n_items  # a hub row, split into segments by the small plan below
+    rows = np.repeat(np.arange(n_users), lengths)
+    cols = np.concatenate([rng.choice(n_items, k, replace=False) for k in lengths])
+    R32 = CSR.from_coo(rows, cols, (n_users, n_items))
+    for index_dtype in (torch.int32, torch.int64):
+        R = CSR(R32.indptr.to(index_dtype), R32.indices.to(index_dtype), R32.shape)
+        RT32 = R.transpose()
+        RT = CSR(RT32.indptr.to(index_dtype), RT32.indices.to(index_dtype), RT32.shape)
+        for A in (R, RT):
+            A._cache["triton_plan"] = make_plan(A, seg=8)
+        u2u, i2i, lgcn = user_hypergraph(R, RT), item_hypergraph(RT, R), bipartite_operator(R, RT)
+        widths = (1, 64, 65, 128) if index_dtype == torch.int32 else (64,)
+        dtypes = (torch.float32, torch.bfloat16, torch.float64) if index_dtype == torch.int32 else (torch.float32,)
+        for dtype in dtypes:
+            for d in widths:
+                for op in (u2u, i2i):
+                    for combine in ("last", "sum"):
+                        X = torch.randn(op.n, d, dtype=dtype, requires_grad=True)
+                        propagate(op, X, 2, combine, backend="triton").float().sum().backward()
+                Eu = torch.randn(n_users, d, dtype=dtype, requires_grad=True)
+                Ei = torch.randn(n_items, d, dtype=dtype, requires_grad=True)
+                sum(t.float().sum() for t in lightgcn_propagate(lgcn, Eu, Ei, 2, backend="triton")).backward()
+                values = torch.rand(R.nnz, dtype=torch.float32, requires_grad=True)
+                sparse_mm(R, Ei.detach().requires_grad_(), RT, row_scale=lgcn.ru, col_scale=lgcn.ri, values=values,
+                          backend="triton").float().sum().backward()
+
+
+def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
+    os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions, not interpreted ones
+    from hellm_ds.kernels import spmm_triton
+
+    recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in ("_spmm_kernel", "_hub_reduce_kernel")}
+    for name, rec in recorders.items():
+        setattr(spmm_triton, name, rec)
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the library route CPU tensors to the (intercepted) Triton backend
+    try:
+        exercise_graph_stage()
+    finally:
+        os.environ.pop("TRITON_INTERPRET", None)
+        for name, rec in recorders.items():
+            setattr(spmm_triton, name, rec.fn)
+    return [spec for rec in recorders.values() for spec in rec.compiled.values()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hellm_ds.kernels.cuda_compile", description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, action="append", help="CUDA compute capability ×10 (80 = A100, 90 = H100); "
+                    "repeatable; default 90")
+    ap.add_argument("--cache-dir", help="where Triton writes the compiled kernels (default: TRITON_CACHE_DIR or "
+                    "~/.triton/cache)")
+    args = ap.parse_args(argv)
+    if args.cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = args.cache_dir
+    specs = compile_all(tuple(args.arch or [90]))
+    failed = [s for s in specs if s.error or s.spill_bytes != 0]
+    print(json.dumps({"specialisations": len(specs), "failed": len(failed),
+                      "seconds": round(sum(s.seconds for s in specs), 1),
+                      "kernels": [s.summary() for s in specs]}, indent=1))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
