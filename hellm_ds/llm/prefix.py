@@ -25,9 +25,10 @@ inner attention a one-shot cache object (``PrefixKV``) in place of the decoder's
 ``cache.update(key, value, layer_idx)`` — called after rotary, right before the attention kernel — returns
 ``[prefix ; current]`` along the sequence axis. The attention kernel itself (eager, SDPA, flash attention,
 flex) is untouched: it sees keys/values of length L_p + L exactly as when continuing from a pre-filled cache.
-Eager and SDPA are tested against a plain-PyTorch reference to 1e-5 (``tests/llm/test_prefix.py``); flash
-attention follows from the transformers 5.24 source (the 2-D mask path unpads keys with the full mask and
-queries with its last L columns; flash-attn's causal mask is bottom-right aligned) but has not been run here.
+Eager and SDPA are tested against a plain-PyTorch reference to 1e-5 (``tests/llm/test_prefix.py``), and so
+is transformers' ``flash_attention_2`` path (the 2-D mask unpads keys with the full mask and queries with its
+last L columns; flash-attn's causal mask is bottom-right aligned) with flash-attn's CUDA kernel replaced by
+the math it computes (``tests/llm/flash_reference.py``); the kernel itself needs a GPU.
 
 The mask has to cover L_p + L keys with the prefix visible to every query, padding masked, and causality
 among the real tokens. The decoder builds it once from the model-level ``cache`` it is given: HeLLM passes a

@@ -205,3 +205,28 @@ def test_parameters_only_exist_inside_their_forward(mode):
         for p, data in full.items():
             p.data = data
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "kv", "off"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_exact_through_transformers_flash_attention_2_path(monkeypatch, mode, padded):
+    """transformers' flash_attention_2 integration (2-D mask, unpadding of queries and of prefix + sequence
+    keys, cu_seqlens) with flash-attn's kernel replaced by its math (tests/llm/flash_reference.py)."""
+    from tests.llm.flash_reference import reference_flash_attention
+
+    m = model(prefix_mode=mode, attn_implementation="sdpa")
+    rows = ROWS if padded else [r[:3] for r in ROWS if len(r) >= 3]
+    b = batch(rows)
+    r, rmask = reference_hidden(m, b)
+    with reference_flash_attention(monkeypatch) as calls:
+        m.backbone.config._attn_implementation = "flash_attention_2"
+        h, mask = m.hidden_states(b)
+    n_layers = m.backbone.config.num_hidden_layers
+    if padded:  # every layer went through the varlen kernel, with the prefix in each sequence's keys
+        assert calls["flash_attn_varlen_func"] == n_layers and calls["flash_attn_func"] == 0
+        prefix = 0 if mode == "off" else m.cfg.prefix_len
+        assert calls["key_lengths"][0] == (mask.sum(1) + prefix).tolist()
+    else:
+        assert calls["flash_attn_func"] == n_layers and calls["flash_attn_varlen_func"] == 0
+    assert torch.equal(mask.bool(), rmask)
+    torch.testing.assert_close(h[rmask], r[rmask], rtol=0, atol=ATOL)
