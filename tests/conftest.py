@@ -44,3 +44,41 @@ def random_csr(rows, cols, density, seed, hub_row=None, empty_rows=(), values=Fa
     dense = torch.zeros(rows, cols, dtype=torch.float64)
     dense[r, c] = vals if values else 1.0
     return A, dense
+
+
+@pytest.fixture(scope="module")
+def tables(synth_dir, tmp_path_factory):
+    """(data dir, graph table, SASRec table): random stage-1 item tables for the synthetic dataset (graph d=8,
+    SASRec d=6), exported as stage 1 does — the inputs of every stage-2 run."""
+    from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.utils.checkpoint import export_tensors
+
+    ds = load_dataset(synth_dir)
+    d = tmp_path_factory.mktemp("stage1")
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for name, dim in (("graph_embeddings", 8), ("sequential_item_embeddings", 6)):
+        t = torch.randn(ds.n_items + 1, dim, generator=g)
+        t[0] = 0
+        paths.append(export_tensors(d / f"{name}.safetensors", {"item": t}, {}, ds.fingerprint))
+    return synth_dir, paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def local_llama(tmp_path_factory) -> Path:
+    """A tiny random LLaMA saved as a local HF checkpoint directory (model + offline tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from hellm_ds.llm.backbone import build_offline_tokenizer, llama_config
+    from hellm_ds.llm.config import MODEL_SIZES, HeLLMConfig
+
+    d = tmp_path_factory.mktemp("tinyllama")
+    cfg = HeLLMConfig()
+    tok = build_offline_tokenizer([cfg.instruction, cfg.response])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = llama_config(MODEL_SIZES["tiny"], len(tok))
+        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

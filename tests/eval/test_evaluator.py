@@ -1,6 +1,5 @@
 """The evaluator: factorised and dense paths agree, sharding across ranks changes nothing."""
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from hellm_ds.data.dataset import load_dataset
 from hellm_ds.eval.evaluator import evaluate, evaluate_splits
+from tests.train.common import free_port
 
 
 def _model(ds, d=8, seed=0):
@@ -46,12 +46,6 @@ def test_unknown_protocol_is_rejected(synth_dir):
         evaluate(ds, "test", lambda b: None, protocols=("paper", "masked"), progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, data_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -76,7 +70,7 @@ def test_two_ranks_equal_one(synth_dir, tmp_path):
     ds = load_dataset(synth_dir)
     users, items = _model(ds, seed=2)
     ref = evaluate(ds, "valid", lambda b: users[b["users"]], item_vectors=items, progress=False)
-    mp.spawn(_worker, args=(2, _free_port(), str(synth_dir), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(synth_dir), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "res.pt", weights_only=True)
     for proto in ref:
         for k in ref[proto]:

@@ -14,7 +14,7 @@ from hellm_ds.cli import main as cli_main
 from hellm_ds.data.dataset import load_dataset
 from hellm_ds.eval.recommend import top_k
 
-from tests.train.test_finetune import run, tables  # noqa: F401  (fixture)
+from tests.train.common import run
 
 
 def test_chunked_top_k_matches_brute_force():
@@ -33,7 +33,7 @@ def test_chunked_top_k_matches_brute_force():
 
 
 @pytest.fixture(scope="module")
-def export(tables, tmp_path_factory):  # noqa: F811
+def export(tables, tmp_path_factory):
     out = tmp_path_factory.mktemp("rec") / "run"
     run(tables, out, "--epochs", "1", "--steps-per-epoch", "3", "--skip-eval", "--item-head", "tied")
     return out
@@ -46,7 +46,7 @@ def _cli(*args) -> tuple[int, dict | None]:
     return rc, (json.loads(buf.getvalue()) if rc == 0 else None)
 
 
-def test_recommend_matches_the_model_logits(tables, export, tmp_path):  # noqa: F811
+def test_recommend_matches_the_model_logits(tables, export, tmp_path):
     from hellm_ds.data.batching import left_pad
     from hellm_ds.train import load_adapter
 
@@ -83,7 +83,7 @@ def test_recommend_matches_the_model_logits(tables, export, tmp_path):  # noqa: 
     assert rc == rc2 == 0 and from_file == direct
 
 
-def test_recommend_errors_name_the_id_and_line(tables, export, tmp_path, capsys):  # noqa: F811
+def test_recommend_errors_name_the_id_and_line(tables, export, tmp_path, capsys):
     data = tables[0]
     unknown = int(np.max(load_dataset(data).user_ids)) + 1000
     rc, _ = _cli("--checkpoint", export, "--data", data, "--users", f"1,{unknown}")

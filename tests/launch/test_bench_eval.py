@@ -13,7 +13,7 @@ from hellm_ds.data.synth import SynthConfig, write_synthetic
 from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.utils.checkpoint import export_tensors
 from tests.launch.conftest import load_script
-from tests.train.test_finetune import run, tables  # noqa: F401  (tables: a module-scoped fixture)
+from tests.train.common import run
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_graph_emb_file(bench, data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def export(tables, tmp_path_factory):  # noqa: F811
+def export(tables, tmp_path_factory):
     """A tiny fine-tuned HeLLM export (the real trainer, 2 steps, no evaluation) and its dataset."""
     out = tmp_path_factory.mktemp("bench_eval_model") / "run"
     run(tables, out, "--epochs", "1", "--steps-per-epoch", "2", "--skip-eval")

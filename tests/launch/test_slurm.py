@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hellm_ds.train.finetune import ADAPTER_NAME, RESULTS_NAME
-from tests.train.test_finetune import FAST, _port, log, tables  # noqa: F401  (module fixture: stage-1 tables)
+from tests.train.common import FAST, free_port, log
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"
@@ -126,7 +126,7 @@ class FakeSlurm:
         env.update(PATH=path,
                    OMP_NUM_THREADS="1", FAKE_SLURM_DIR=str(self.root), FAKE_SLURM_CALLS=str(self.calls_file),
                    ROOT=str(ROOT), VENV=str(venv) if (venv / "bin" / "activate").is_file() else "",
-                   MASTER_PORT=str(_port()))
+                   MASTER_PORT=str(free_port()))
         env.update({k: str(v) for k, v in variables.items()})
         return env
 
@@ -153,14 +153,14 @@ def slurm(tmp_path_factory) -> FakeSlurm:
     return FakeSlurm(tmp_path_factory.mktemp("fakeslurm"))
 
 
-def _finetune_vars(tables, out: Path, *extra) -> dict:  # noqa: F811
+def _finetune_vars(tables, out: Path, *extra) -> dict:
     data, graph, seq = tables
     return {"DATA": data, "GRAPH_EMB": graph, "SEQ_EMB": seq, "OUT": out, "MODEL": "tiny", "EPOCHS": 1,
             "EXTRA_ARGS": " ".join(map(str, (*TINY, *extra)))}
 
 
 @pytest.fixture(scope="module")
-def per_gpu_run(slurm, tables, tmp_path_factory):  # noqa: F811
+def per_gpu_run(slurm, tables, tmp_path_factory):
     """Two submissions of finetune.sbatch in per-gpu mode (2 tasks on 1 node): the first stops after one
     optimiser step (as if preempted after its checkpoint), the second resumes and finishes."""
     submit = tmp_path_factory.mktemp("submit_pergpu")
@@ -210,7 +210,7 @@ def test_per_gpu_ranks_join_one_world_and_requeue_resumes(per_gpu_run):
     assert (r["out"] / "checkpoints" / "latest").read_text().strip() == "step2-end"
 
 
-def test_evaluate_sbatch(slurm, per_gpu_run, tables):  # noqa: F811
+def test_evaluate_sbatch(slurm, per_gpu_run, tables):
     submit = per_gpu_run["submit"]
     _, jid, text = slurm.submit("evaluate.sbatch", submit, OUT=per_gpu_run["out"], DATA=tables[0],
                                 BATCH_SIZE=200)
@@ -223,7 +223,7 @@ def test_evaluate_sbatch(slurm, per_gpu_run, tables):  # noqa: F811
     assert not list((submit / "logs").glob("*.tmp"))
 
 
-def test_per_node_torchrun(slurm, tables, tmp_path):  # noqa: F811
+def test_per_node_torchrun(slurm, tables, tmp_path):
     """LAUNCH_MODE=per-node: one srun task on the one node runs torchrun with two workers (c10d rendezvous
     at MASTER_ADDR:MASTER_PORT); they form one world of two."""
     out = tmp_path / "run"
@@ -242,7 +242,7 @@ def test_per_node_torchrun(slurm, tables, tmp_path):  # noqa: F811
     assert (out / ADAPTER_NAME).is_file()
 
 
-def test_finetune_failures_propagate(slurm, tables, tmp_path):  # noqa: F811
+def test_finetune_failures_propagate(slurm, tables, tmp_path):
     opts = ("--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1")
     rc, _, text = slurm.submit("finetune.sbatch", tmp_path, *opts, check=False, LAUNCH_MODE="per-task",
                                **_finetune_vars(tables, tmp_path / "a"))

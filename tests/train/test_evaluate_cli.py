@@ -11,11 +11,11 @@ import pytest
 
 from hellm_ds.cli import main
 from hellm_ds.train.finetune import ADAPTER_CONFIG, ADAPTER_NAME, RESULTS_NAME
-from tests.train.test_finetune import run, tables  # noqa: F401  (module fixture: stage-1 item tables)
+from tests.train.common import run
 
 
 @pytest.fixture(scope="module")
-def trained(tables, tmp_path_factory) -> Path:  # noqa: F811
+def trained(tables, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evalrun") / "out"
     run(tables, out, "--epochs", "1", "--steps-per-epoch", "3")
     assert (out / ADAPTER_NAME).is_file() and (out / RESULTS_NAME).is_file()
@@ -28,7 +28,7 @@ def _cli(capsys, *args):
     return rc, cap.out, cap.err
 
 
-def test_evaluate_matches_recorded_results(trained, tables, capsys):  # noqa: F811
+def test_evaluate_matches_recorded_results(trained, tables, capsys):
     data = tables[0]
     rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", data, "--quiet",
                         "--batch-size", 64, "--device", "cpu")
@@ -50,7 +50,7 @@ def test_evaluate_matches_recorded_results(trained, tables, capsys):  # noqa: F8
     assert only["test"]["paper"]["NDCG@10"] == pytest.approx(got["test"]["paper"]["NDCG@10"], abs=1e-6)
 
 
-def test_evaluate_refuses_other_dataset(trained, tables, tmp_path, capsys):  # noqa: F811
+def test_evaluate_refuses_other_dataset(trained, tables, tmp_path, capsys):
     from hellm_ds.data.synth import SynthConfig, write_synthetic
 
     other = write_synthetic(tmp_path / "other", SynthConfig(users=200, items=60, seed=3))
@@ -65,7 +65,7 @@ def test_evaluate_refuses_other_dataset(trained, tables, tmp_path, capsys):  # n
     assert rc == 2 and out == ""
 
 
-def test_evaluate_refuses_damaged_export(trained, tables, tmp_path, capsys):  # noqa: F811
+def test_evaluate_refuses_damaged_export(trained, tables, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(trained, bad, ignore=shutil.ignore_patterns("checkpoints"))
     blob = (trained / ADAPTER_NAME).read_bytes()

@@ -22,7 +22,7 @@ import torch
 
 from hellm_ds.train.finetune import ADAPTER_NAME, BASE_NAME, CKPT_DIR, RESULTS_NAME, _tag_order, read_latest
 
-from .test_finetune import FAST, LAUNCH, ROOT, ZERO3, _env, _port, log, tables  # noqa: F401 (fixture)
+from tests.train.common import FAST, LAUNCH, ROOT, ZERO3, free_port, launcher_env, log
 
 pytestmark = pytest.mark.slow
 
@@ -96,19 +96,19 @@ class Launch:
     """``python -m deepspeed.launcher.runner --num_gpus 2 ...`` in its own session (process group), output
     to a file; ``close()`` SIGKILLs the whole group and anything still descended from it."""
 
-    def __init__(self, tables, out: Path, *args, ranks: int = 2):  # noqa: F811 (the fixture's value)
+    def __init__(self, tables, out: Path, *args, ranks: int = 2):
         data, graph, seq = tables
         self.out = out
         self.cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-                    "--master_port", str(_port()), str(LAUNCH),
+                    "--master_port", str(free_port()), str(LAUNCH),
                     "--data", str(data), "--graph-emb", str(graph), "--seq-emb", str(seq), "--out", str(out),
                     "--deepspeed_config", str(ZERO3), *FAST, *map(str, args)]
         out.parent.mkdir(parents=True, exist_ok=True)
         self.console = out.parent / f"{out.name}.{int(time.time() * 1000)}.console.txt"
         self._f = self.console.open("w")
         self.t0 = time.monotonic()
-        self.p = subprocess.Popen(self.cmd, cwd=ROOT, env=_env(), stdout=self._f, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        self.p = subprocess.Popen(self.cmd, cwd=ROOT, env=launcher_env(), stdout=self._f,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
         self.known: set[int] = set()  # every descendant ever seen (for the clean-up)
 
     def watch(self) -> list[int]:
@@ -196,7 +196,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / ADAPTER_NAME))
 
 
-def test_kill_one_rank_then_resume_matches_uninterrupted(tables, tmp_path):  # noqa: F811
+def test_kill_one_rank_then_resume_matches_uninterrupted(tables, tmp_path):
     t_test = time.monotonic()
     full, drill = tmp_path / "full", tmp_path / "drill"
     launches: list[Launch] = []

@@ -1,85 +1,17 @@
 """Stage-2 DeepSpeed trainer on CPU (DS_ACCELERATOR=cpu, gloo): single process, two ranks through the
 deepspeed launcher, resume, export → reload, ZeRO-2 vs ZeRO-3.
 
-Every run is a subprocess (a fresh process group each time), with OMP_NUM_THREADS=1: on this 2-core shared
-machine two intra-op threads per rank make a tiny-model step ~30× slower (1.8 s instead of 15 ms)."""
+Runs go through ``tests.train.common.run`` (subprocesses, OMP_NUM_THREADS=1)."""
 from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hellm_ds.train.finetune import ADAPTER_CONFIG, ADAPTER_NAME, CKPT_DIR, FinetuneConfig, lr_at
-
-ROOT = Path(__file__).resolve().parents[2]
-LAUNCH = ROOT / "launch" / "finetune.py"
-ZERO2, ZERO3 = ROOT / "ds_configs" / "zero2.json", ROOT / "ds_configs" / "zero3.json"
-FAST = ["--model", "tiny", "--prefix-len", "3", "--lora-r", "4", "--micro-batch-size", "8", "--max-len", "10",
-        "--no-progress", "--eval-batch-size", "200"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
-
-
-def run(tables, out: Path, *args, ranks: int = 1, config: Path = ZERO3, check: bool = True,
-        launcher: str = "deepspeed"):
-    data, graph, seq = tables
-    common = ["--data", str(data), "--graph-emb", str(graph), "--seq-emb", str(seq), "--out", str(out),
-              "--deepspeed_config", str(config), *FAST, *map(str, args)]
-    if ranks == 1:
-        cmd = [sys.executable, str(LAUNCH), *common]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-               "--master_port", str(_port()), str(LAUNCH), *common]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(_port()), str(LAUNCH), *common]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-
-
-def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in log(out) if r["event"] == "train"}
-
-
-@pytest.fixture(scope="module")
-def tables(synth_dir, tmp_path_factory):
-    """Random stage-1 item tables for the synthetic dataset (graph d=8, SASRec d=6)."""
-    from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.utils.checkpoint import export_tensors
-
-    ds = load_dataset(synth_dir)
-    d = tmp_path_factory.mktemp("stage1")
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for name, dim in (("graph_embeddings", 8), ("sequential_item_embeddings", 6)):
-        t = torch.randn(ds.n_items + 1, dim, generator=g)
-        t[0] = 0
-        paths.append(export_tensors(d / f"{name}.safetensors", {"item": t}, {}, ds.fingerprint))
-    return synth_dir, paths[0], paths[1]
+from tests.train.common import ROOT, ZERO2, ZERO3, log, losses, run
 
 
 def test_lr_schedule():
@@ -237,26 +169,6 @@ def test_zero3_offload_config_same_losses(tables, tmp_path):
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
     start = [r for r in log(tmp_path / "off") if r["event"] == "start"][0]
     assert start["zero_stage"] == 3
-
-
-@pytest.fixture(scope="module")
-def local_llama(tmp_path_factory) -> Path:
-    """A tiny random LLaMA saved as a local HF checkpoint directory (model + offline tokenizer)."""
-    from transformers import AutoModelForCausalLM
-
-    from hellm_ds.llm.backbone import build_offline_tokenizer, llama_config
-    from hellm_ds.llm.config import MODEL_SIZES, HeLLMConfig
-
-    d = tmp_path_factory.mktemp("tinyllama")
-    cfg = HeLLMConfig()
-    tok = build_offline_tokenizer([cfg.instruction, cfg.response])
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        config = llama_config(MODEL_SIZES["tiny"], len(tok))
-        lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    lm.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def test_zero2_matches_zero3_local_checkpoint(tables, local_llama, tmp_path):

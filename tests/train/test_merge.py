@@ -13,11 +13,11 @@ from hellm_ds.data.dataset import load_dataset
 from hellm_ds.train.evaluate import evaluate_checkpoint
 from hellm_ds.train.merge import merge_lora
 
-from tests.train.test_finetune import ZERO2, local_llama, run, tables  # noqa: F401  (fixtures)
+from tests.train.common import ZERO2, run
 
 
 @pytest.mark.parametrize("backbone", ["tiny", "local"])
-def test_merged_export_scores_like_the_run(tables, local_llama, tmp_path, backbone):  # noqa: F811
+def test_merged_export_scores_like_the_run(tables, local_llama, tmp_path, backbone):
     from transformers import AutoModelForCausalLM
 
     model = "tiny" if backbone == "tiny" else str(local_llama)
@@ -63,7 +63,7 @@ def test_merged_export_scores_like_the_run(tables, local_llama, tmp_path, backbo
     assert cli_main(["merge-lora", "--checkpoint", str(out), "--out", str(moved)]) == 2
 
 
-def test_merge_refuses_a_run_without_lora(tables, tmp_path):  # noqa: F811
+def test_merge_refuses_a_run_without_lora(tables, tmp_path):
     out = tmp_path / "run"
     run(tables, out, "--epochs", "1", "--steps-per-epoch", "1", "--skip-eval", "--lora-r", "0",
         "--trainable-scope", "full", config=ZERO2)

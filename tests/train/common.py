@@ -1,0 +1,60 @@
+"""Shared helpers for the stage-2 trainer tests: paths, the fast tiny-model flags, and ``run`` — one
+fine-tuning invocation as a subprocess (single process, or N ranks under the deepspeed launcher or torchrun).
+The stage-1 ``tables`` and ``local_llama`` fixtures they use live in ``tests/conftest.py``.
+
+Every run is a subprocess (a fresh process group each time), with OMP_NUM_THREADS=1: on this 2-core shared
+machine two intra-op threads per rank make a tiny-model step ~30× slower (1.8 s instead of 15 ms)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "launch" / "finetune.py"
+ZERO2, ZERO3 = ROOT / "ds_configs" / "zero2.json", ROOT / "ds_configs" / "zero3.json"
+FAST = ["--model", "tiny", "--prefix-len", "3", "--lora-r", "4", "--micro-batch-size", "8", "--max-len", "10",
+        "--no-progress", "--eval-batch-size", "200"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env() -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def run(tables, out: Path, *args, ranks: int = 1, config: Path = ZERO3, check: bool = True,
+        launcher: str = "deepspeed"):
+    data, graph, seq = tables
+    common = ["--data", str(data), "--graph-emb", str(graph), "--seq-emb", str(seq), "--out", str(out),
+              "--deepspeed_config", str(config), *FAST, *map(str, args)]
+    if ranks == 1:
+        cmd = [sys.executable, str(LAUNCH), *common]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+               "--master_port", str(free_port()), str(LAUNCH), *common]
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+               "--master_port", str(free_port()), str(LAUNCH), *common]
+    p = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=240)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in log(out) if r["event"] == "train"}
