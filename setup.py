@@ -14,9 +14,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # the top-level kernels/ folder is the hellm_ds.kernels package (a bare `kernels` would clash on import)
-    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]) + ["hellm_ds.kernels"],
-    package_dir={"hellm_ds.kernels": "kernels"},
+    # the top-level kernels/ folder is the hellm_ds.kernels package (a bare `kernels` would clash on import);
+    # ds_configs/*.json travel as data of hellm_ds.ds_configs, found by hellm_ds.utils.ds_configs
+    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]) + ["hellm_ds.kernels", "hellm_ds.ds_configs"],
+    package_dir={"hellm_ds.kernels": "kernels", "hellm_ds.ds_configs": "ds_configs"},
+    package_data={"hellm_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.3",
         "deepspeed>=0.15",

@@ -39,12 +39,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hellm_ds.errors import UsageError
+from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.io import write_json_atomic
 
 STAGES = ("popularity", "graphs", "graph", "sasrec", "finetune", "evaluate")
 UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": ("finetune",)}
 STAMP = "stage.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -152,16 +152,6 @@ class Stage:
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
-def resolve_ds_config(path: str) -> Path:
-    """``path`` as given, else relative to the repository (``ds_configs/…`` from any working directory)."""
-    p = Path(path)
-    if p.is_file():
-        return p.resolve()
-    if not p.is_absolute() and (REPO_ROOT / p).is_file():
-        return REPO_ROOT / p
-    raise UsageError(f"--deepspeed-config {path} not found")
-
-
 def default_ranks() -> int:
     import torch
 
@@ -260,13 +250,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     scope = cfg.trainable_scope if cfg.trainable_scope != "auto" else ("full" if built else "lora")
     head = cfg.item_head if cfg.item_head != "auto" else ("tied" if built else "linear")
     ranks = cfg.ranks or default_ranks()
-    ds_config = resolve_ds_config(cfg.deepspeed_config)
+    ds_config, ds_json = read_ds_config(cfg.deepspeed_config, "--deepspeed-config")
     graph_emb, seq_emb = root / "graph" / GRAPH_EXPORT, root / "sasrec" / SEQ_EXPORT
     ft_args = {"model": cfg.model if built else str(Path(cfg.model).resolve()), "epochs": cfg.ft_epochs,
                "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
                "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
                "trainable_scope": scope, "item_head": head, "seed": cfg.seed}
-    ft_inputs = {"args": ft_args, "ranks": ranks, "deepspeed_config": json.loads(ds_config.read_text()),
+    ft_inputs = {"args": ft_args, "ranks": ranks, "deepspeed_config": ds_json,
                  "graph_emb": file_sha256(graph_emb), "seq_emb": file_sha256(seq_emb)}
 
     def finetune(d: Path) -> dict:

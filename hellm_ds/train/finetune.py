@@ -85,6 +85,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hellm_ds.errors import UsageError
+from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.io import write_json_atomic
 
 ADAPTER_NAME = "hellm_adapter.safetensors"
@@ -216,10 +217,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 
 def load_ds_config(cfg: FinetuneConfig, device: torch.device) -> dict:
-    path = Path(cfg.deepspeed_config)
-    if not path.is_file():
-        raise UsageError(f"--deepspeed_config {path} not found")
-    ds = json.loads(path.read_text())
+    _, ds = read_ds_config(cfg.deepspeed_config)
     ds.pop("train_batch_size", None)  # derived from micro batch × accumulation × world
     if cfg.micro_batch_size is not None:
         ds["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
