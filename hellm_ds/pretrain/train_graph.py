@@ -8,6 +8,10 @@ validation (scores u · iᵀ, both protocols); early stopping on the validation 
 evaluations; the best-on-validation weights are kept, tested, and exported. ``checkpoint_last.pt`` is written
 after every epoch (atomically), and ``resume=True`` continues from it on exactly the same trajectory
 (sampling comes from a seeded generator whose state is checkpointed). Deterministic by seed on CPU.
+``time_budget`` counts training time across resumes (as SASRec's): training stops after the epoch that
+crosses it (that epoch is validated), and a resumed run that has already early-stopped or spent its budget
+trains no further epoch — it re-tests and re-exports the best weights (raise ``epochs``/``time_budget`` to
+train on).
 
 Export: ``user`` [U+1, d] (row 0 padding; row u+1 = the dataset's internal user u, i.e. file order),
 ``item`` [I+1, d] (row = item id), ``user_ids`` [U] (external ids), metadata: dataset fingerprint,
@@ -52,7 +56,7 @@ class GraphTrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str = "auto"
-    time_budget: float | None = None  # seconds; stops after the epoch that crosses it
+    time_budget: float | None = None  # seconds of training across resumes; stops after the epoch that crosses it
     eval_batch_size: int = 1024
 
 
@@ -103,6 +107,8 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
         if not ckpt.is_file():
             raise UsageError(f"--resume: no checkpoint at {ckpt}")
         st = load_state(ckpt)
+        if st.get("recipe", "graph") != "graph":
+            raise UsageError(f"{ckpt} is a {st['recipe']} checkpoint: give each stage-1 recipe its own --out")
         if st["dataset"] != dataset.fingerprint or _resumable(st["config"]) != _resumable(_cfg_dict(cfg)):
             raise UsageError(f"{ckpt} belongs to another dataset or configuration; refusing to resume from it")
         model.load_state_dict(st["model"])
@@ -114,11 +120,18 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
         log.log("resume", epoch=st["epoch"])
 
     t0 = time.time()
+
+    def budget_spent() -> bool:
+        return cfg.time_budget is not None and elapsed_before + time.time() - t0 >= cfg.time_budget
+
     epoch_seconds: list[float] = []
     n_pairs = pairs_u.numel()
     steps = (n_pairs + cfg.batch_size - 1) // cfg.batch_size
     epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs):
+    spent = cfg.time_budget is not None and elapsed_before >= cfg.time_budget  # by the checkpointed epochs
+    stop_reason = "early_stop" if stopper.should_stop else "time_budget" if spent else "epochs"
+    while stop_reason == "epochs" and epoch + 1 < cfg.epochs:
+        epoch += 1
         model.train()
         te = time.time()
         perm = torch.randperm(n_pairs, generator=gen)
@@ -140,20 +153,20 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
         rec = {k: v / steps for k, v in sums.items()}
         epoch_seconds.append(time.time() - te)
         rec["seconds"] = round(epoch_seconds[-1], 3)
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        budget_hit = budget_spent()
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or budget_hit:
             valid = _evaluate(model, dataset, ("valid",), cfg, device, progress)["valid"]
             rec["valid"] = valid
             if stopper.update(valid[cfg.select_protocol][cfg.select_metric], epoch):
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 best_metrics = valid
         log.log("epoch", step=epoch, **rec)
-        elapsed = elapsed_before + time.time() - t0
-        save_state(ckpt, {"model": model.state_dict(), "optim": opt.state_dict(), "generator": gen.get_state(),
-                          "stopper": stopper.state_dict(), "epoch": epoch, "best_state": best_state,
-                          "best_metrics": best_metrics, "elapsed": elapsed, "dataset": dataset.fingerprint,
+        save_state(ckpt, {"recipe": "graph", "model": model.state_dict(), "optim": opt.state_dict(),
+                          "generator": gen.get_state(), "stopper": stopper.state_dict(), "epoch": epoch,
+                          "best_state": best_state, "best_metrics": best_metrics,
+                          "elapsed": elapsed_before + time.time() - t0, "dataset": dataset.fingerprint,
                           "config": _cfg_dict(cfg)})
-        if stopper.should_stop or (cfg.time_budget is not None and elapsed >= cfg.time_budget):
-            break
+        stop_reason = "early_stop" if stopper.should_stop else "time_budget" if budget_hit else "epochs"
 
     if best_state is None:  # never evaluated (e.g. a budget shorter than one eval period): use the last weights
         valid = _evaluate(model, dataset, ("valid",), cfg, device, progress)["valid"]
@@ -163,7 +176,7 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
     test = _evaluate(model, dataset, ("test",), cfg, device, progress)["test"]
     seconds = elapsed_before + time.time() - t0
     result = {"valid": best_metrics, "test": test, "best_epoch": stopper.best_epoch, "epochs_run": epoch + 1,
-              "seconds": round(seconds, 2),
+              "stop_reason": stop_reason, "seconds": round(seconds, 2),
               "train_seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None}
     user, item = model.embeddings()
     pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t]).float().cpu()  # noqa: E731

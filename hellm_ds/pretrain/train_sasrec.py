@@ -20,8 +20,9 @@ shuffled by a generator seeded with (seed, epoch); dropout draws from torch's RN
 epochs, and after the last epoch, full-ranking validation (both protocols, the shared evaluator); early
 stopping after ``patience`` evaluations without a new best of ``select_protocol``/``select_metric``. The
 best-on-validation weights are kept; test metrics are those of these weights — the epoch is never chosen on
-test. ``time_budget`` (seconds, measured from the call's start, evaluation included) ends training after
-the epoch that crosses it; the best weights are still tested and exported.
+test. ``time_budget`` (seconds of training and validation, counted across resumes as the graph recipe's)
+ends training after the epoch that crosses it (that epoch is validated); the best weights are still tested
+and exported. A resumed run that has already early-stopped or spent its budget trains no further epoch.
 
 Checkpoint: ``checkpoint_last.pt`` (atomic) after every epoch: model, optimiser, epoch, early-stopping
 state, best weights and metrics, dataset fingerprint, configuration. Since the per-epoch randomness depends
@@ -89,7 +90,7 @@ class SASRecTrainConfig:
     select_protocol: str = "paper"
     seed: int = 0
     device: str = "auto"  # "auto" → cuda if available, else cpu
-    time_budget: float | None = None  # seconds; training stops after the epoch that crosses it
+    time_budget: float | None = None  # seconds across resumes; training stops after the epoch that crosses it
     # torch CPU threads during the call (restored afterwards). When another process keeps one of 2 cores
     # busy, 2 threads are an order of magnitude slower than 1 (OpenMP workers wait on the busy core).
     num_threads: int | None = None
@@ -185,8 +186,9 @@ def train_sasrec(dataset: Dataset, cfg: SASRecTrainConfig, out_dir: str | Path, 
 
     Returns ``{"valid": {protocol: metrics}, "test": {…}, "best_epoch", "epochs_run", "seconds",
     "seconds_per_epoch", "stop_reason", "item_embeddings", "model"}`` — valid/test of the best-on-validation
-    epoch (epochs are 1-based; ``epochs_run`` counts epochs before a resume too; ``seconds`` is this call's
-    wall time, ``seconds_per_epoch`` the mean training time of this call's epochs, evaluation excluded).
+    epoch (epochs are 1-based; ``epochs_run`` counts epochs before a resume too; ``seconds`` is the wall time
+    across resumes (the budget's clock), ``seconds_per_epoch`` the mean training time of this call's epochs,
+    evaluation excluded).
     """
     threads = torch.get_num_threads()
     if cfg.num_threads is not None:
@@ -222,12 +224,14 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stopper = EarlyStopper(cfg.patience)
-    epoch, best_state, best_valid = 0, None, None
+    epoch, best_state, best_valid, elapsed_before = 0, None, None, 0.0
 
     if resume:
         if not ckpt_path.is_file():
             raise UsageError(f"resume: no checkpoint at {ckpt_path}")
         st = load_state(ckpt_path)
+        if st.get("recipe", "sasrec") != "sasrec":
+            raise UsageError(f"{ckpt_path} is a {st['recipe']} checkpoint: give each stage-1 recipe its own --out")
         if st["dataset"] != fingerprint:
             raise UsageError(f"{ckpt_path} was trained on another dataset; refusing to resume from it")
         if _trajectory_fields(st["config"]) != _trajectory_fields(cfg_dict):
@@ -238,6 +242,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         opt.load_state_dict(st["optim"])
         stopper.load_state_dict(st["stopper"])
         epoch, best_state, best_valid = int(st["epoch"]), st["best_state"], st["best_valid"]
+        elapsed_before = float(st.get("elapsed", 0.0))
 
     log = RunLog(out, fresh=not resume)
     if resume:
@@ -249,10 +254,13 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
 
     n_batches = math.ceil(len(data) / cfg.batch_size)
     train_seconds: list[float] = []
-    stop_reason = "epochs"
-    if stopper.should_stop:
-        stop_reason = "early_stop"
-    while epoch < cfg.epochs and not stopper.should_stop:
+
+    def budget_spent() -> bool:
+        return cfg.time_budget is not None and elapsed_before + time.perf_counter() - t0 >= cfg.time_budget
+
+    spent = cfg.time_budget is not None and elapsed_before >= cfg.time_budget  # by the checkpointed epochs
+    stop_reason = "early_stop" if stopper.should_stop else "time_budget" if spent else "epochs"
+    while stop_reason == "epochs" and epoch < cfg.epochs:
         epoch += 1
         te = time.perf_counter()
         model.train()
@@ -278,7 +286,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         secs = time.perf_counter() - te
         train_seconds.append(secs)
 
-        budget_hit = cfg.time_budget is not None and time.perf_counter() - t0 >= cfg.time_budget
+        budget_hit = budget_spent()
         valid = None
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or budget_hit:
             valid = _evaluate(model, dataset, "valid", cfg, device, progress)
@@ -293,15 +301,11 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
             sel = "" if v is None else f", valid {cfg.select_protocol} {cfg.select_metric} {v:.4f}"
             tqdm.write(f"sasrec epoch {epoch}: loss {epoch_loss:.4f} ({secs:.1f} s){sel}")
         save_state(ckpt_path, {
-            "model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch,
+            "recipe": "sasrec", "model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch,
             "stopper": stopper.state_dict(), "best_state": best_state, "best_valid": best_valid,
-            "dataset": fingerprint, "config": cfg_dict,
+            "elapsed": elapsed_before + time.perf_counter() - t0, "dataset": fingerprint, "config": cfg_dict,
         })
-        if stopper.should_stop:
-            stop_reason = "early_stop"
-        elif budget_hit:
-            stop_reason = "time_budget"
-            break
+        stop_reason = "early_stop" if stopper.should_stop else "time_budget" if budget_hit else "epochs"
 
     if best_state is None:  # no evaluation yet (e.g. epochs=0): the current weights are the only candidate
         best_valid = _evaluate(model, dataset, "valid", cfg, device, progress)
@@ -324,7 +328,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         "best_epoch": stopper.best_epoch,
         "epochs_run": epoch,
         "stop_reason": stop_reason,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(elapsed_before + time.perf_counter() - t0, 3),  # across resumes, as the budget
         "seconds_per_epoch": round(float(np.mean(train_seconds)), 3) if train_seconds else None,
         "item_embeddings": str(out / EXPORT_NAME),
         "model": str(out / MODEL_NAME),

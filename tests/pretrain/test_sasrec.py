@@ -207,6 +207,27 @@ def test_time_budget_stops_after_one_epoch_and_still_exports(synth, tmp_path):
     assert (tmp_path / EXPORT_NAME).is_file() and (tmp_path / CHECKPOINT_NAME).is_file()
 
 
+def test_budget_counts_across_resumes(synth, tmp_path):
+    """A resume of a run that spent its budget trains nothing (a requeued job does not get a fresh budget);
+    raising the budget trains on from the checkpoint."""
+    cfg = SASRecTrainConfig(epochs=3, time_budget=1e-3, **FAST)
+    train_sasrec(synth, cfg, tmp_path, progress=False)
+    again = train_sasrec(synth, cfg, tmp_path, resume=True, progress=False)
+    assert again["epochs_run"] == 1 and again["stop_reason"] == "time_budget"
+    assert len(_losses(tmp_path)) == 1
+    more = train_sasrec(synth, SASRecTrainConfig(epochs=3, time_budget=None, **FAST), tmp_path, resume=True,
+                        progress=False)
+    assert more["epochs_run"] == 3 and more["stop_reason"] == "epochs" and len(_losses(tmp_path)) == 3
+
+
+def test_resume_refuses_the_graph_recipes_checkpoint(synth, tmp_path):
+    from hellm_ds.pretrain.train_graph import GraphTrainConfig, train_graph
+
+    train_graph(synth, GraphTrainConfig(epochs=1, batch_size=256), tmp_path, progress=False)
+    with pytest.raises(UsageError, match="is a graph checkpoint: give each stage-1 recipe its own --out"):
+        train_sasrec(synth, SASRecTrainConfig(epochs=1, **FAST), tmp_path, resume=True, progress=False)
+
+
 def test_refuses_to_overwrite_another_datasets_export(trained, tmp_path):
     out, cfg, _ = trained
     other_dir = write_synthetic(tmp_path / "other", SynthConfig(users=80, items=30, seed=3))
