@@ -88,7 +88,7 @@ TARGET_U2U_OVER_SPMM = 2.0
 
 
 # ---- project imports --------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def project() -> types.SimpleNamespace:
     """The project's API, importable from an installed package or from a plain checkout on PYTHONPATH."""
     try:
@@ -106,7 +106,11 @@ def project() -> types.SimpleNamespace:
     from hellm_ds.kernels.autograd import propagate
     from hellm_ds.kernels.spmm import spmm, torch_sparse_available, triton_available, triton_interpreted
 
-    return types.SimpleNamespace(**{k: v for k, v in locals().items() if k != "hellm_ds"})
+    return types.SimpleNamespace(
+        load_dataset=load_dataset, GraphConfig=GraphConfig, build_graphs=build_graphs, CSR=CSR,
+        index_dtype=index_dtype, item_hypergraph=item_hypergraph, user_hypergraph=user_hypergraph,
+        propagate=propagate, spmm=spmm, torch_sparse_available=torch_sparse_available,
+        triton_available=triton_available, triton_interpreted=triton_interpreted)
 
 
 # ---- graphs -----------------------------------------------------------------------------------------------
@@ -232,7 +236,7 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     n = nbytes // 4
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
-    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, max(repeats, 5), 2))
+    ms = statistics.median(time_ms(lambda src=src, dst=dst: dst.copy_(src), device, max(repeats, 5), 2))
     del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
@@ -544,14 +548,14 @@ def bench_two_stage(bench: Bench, cfg: Config, case: str, graph: str, op, gen: t
                 continue
             methods = [
                 Method(f"project[{cfg.project_backend}]",
-                       lambda: P.propagate(op, X, 1, "last", backend=cfg.project_backend),
+                       lambda X=X: P.propagate(op, X, 1, "last", backend=cfg.project_backend),
                        "both stages, 1 layer"),
-                Method("torch_csr", lambda: P.propagate(op, X, 1, "last", backend="torch"),
+                Method("torch_csr", lambda X=X: P.propagate(op, X, 1, "last", backend="torch"),
                        "two stages on " + ("cuSPARSE" if X.is_cuda else "MKL / native CPU")),
             ]
             if P.torch_sparse_available():
                 methods.append(Method("torch_sparse",
-                                      lambda: P.propagate(op, X, 1, "last", backend="torch_sparse")))
+                                      lambda X=X: P.propagate(op, X, 1, "last", backend="torch_sparse")))
             if mat is not None:
                 def mat_fn(dt, mat=mat, X=X):
                     Xc = X if X.dtype == dt else X.to(dt)
