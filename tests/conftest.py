@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
 from hellm_ds.data.synth import SynthConfig, write_synthetic
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # kernel tests: the GPU when there is one
 
 
 @pytest.fixture(scope="session")

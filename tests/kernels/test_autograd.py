@@ -1,40 +1,41 @@
-"""Autograd through the sparse products: gradcheck, the adjoint identity, determinism, both backends."""
+"""Autograd through the sparse products: gradcheck, the adjoint identity, determinism, both backends; on
+``DEVICE`` (the GPU when there is one)."""
 import pytest
 import torch
 
 from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
 from hellm_ds.kernels import lightgcn_propagate, propagate, sparse_mm
-from tests.conftest import random_csr
-
 from hellm_ds.kernels import torch_sparse_available
+from tests.conftest import DEVICE, random_csr
 
 BACKENDS = ["torch", "triton", pytest.param("torch_sparse", marks=pytest.mark.skipif(
     not torch_sparse_available(), reason="optional torch_sparse backend not installed"))]
 
 
 def _triton_small(*mats):
+    """The matrices on DEVICE, with small launch plans (hub segments on tiny graphs)."""
     from hellm_ds.kernels.spmm_triton import make_plan
 
+    mats = [A.to(DEVICE) for A in mats]
     for A in mats:
         A._cache["triton_plan"] = make_plan(A, seg=4, group=2)
+    return mats
 
 
 @pytest.fixture
 def graph():
     R, dense = random_csr(14, 11, 0.3, seed=2, hub_row=3, empty_rows=(6,))
-    RT = R.transpose()
-    _triton_small(R, RT)
+    R, RT = _triton_small(R, R.transpose())
     return R, RT, dense
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_mm_gradcheck_x_and_values(backend):
     A, _ = random_csr(9, 7, 0.4, seed=1, hub_row=2, values=True)
-    AT = A.transpose()
-    _triton_small(A, AT)
+    A, AT = _triton_small(A, A.transpose())
     g = torch.Generator().manual_seed(0)
-    rs, cs = torch.rand(9, generator=g) + 0.5, torch.rand(7, generator=g) + 0.5
-    X = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    rs, cs = (torch.rand(n, generator=g).to(DEVICE) + 0.5 for n in (9, 7))
+    X = torch.randn(7, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     v = A.values.clone().requires_grad_()
     f = lambda x, vals: sparse_mm(A, x, AT, rs, cs, values=vals, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, (X, v), fast_mode=FAST[backend])
@@ -50,7 +51,8 @@ FAST = {"torch": False, "triton": True, "torch_sparse": False}
 def test_propagate_gradcheck_u2u_and_i2i(graph, backend, combine):
     R, RT, _ = graph
     for op, n in ((user_hypergraph(R, RT), 14), (item_hypergraph(R, RT), 14)):
-        X = torch.randn(n, 1 if backend == "triton" else 3, dtype=torch.float64, requires_grad=True)
+        X = torch.randn(n, 1 if backend == "triton" else 3, dtype=torch.float64, device=DEVICE,
+                        requires_grad=True)
         f = lambda x: propagate(op, x, 2, combine, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(f, (X,), fast_mode=FAST[backend])
 
@@ -59,15 +61,15 @@ def test_propagate_gradcheck_u2u_and_i2i(graph, backend, combine):
 def test_lightgcn_gradcheck_and_reference(graph, backend):
     R, RT, _ = graph
     op = bipartite_operator(R, RT)
-    Eu = torch.randn(14, 4, dtype=torch.float64, requires_grad=True)
-    Ei = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    Eu = torch.randn(14, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    Ei = torch.randn(11, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
     f = lambda u, i: lightgcn_propagate(op, u, i, 2, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, (Eu, Ei), fast_mode=FAST[backend])
     A = op.to_dense()
-    E = torch.cat([Eu, Ei]).detach()
+    E = torch.cat([Eu, Ei]).detach().cpu()
     ref = (E + A @ E + A @ A @ E) / 3
     u, i = lightgcn_propagate(op, Eu.detach(), Ei.detach(), 2, backend=backend)
-    torch.testing.assert_close(torch.cat([u, i]), ref)
+    torch.testing.assert_close(torch.cat([u, i]).cpu(), ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -76,8 +78,8 @@ def test_adjoint_identity(graph, backend):
     R, RT, _ = graph
     g = torch.Generator().manual_seed(1)
     for op in (user_hypergraph(R, RT), item_hypergraph(R, RT)):
-        X = torch.randn(14, 6, generator=g, dtype=torch.float64)
-        G = torch.randn(14, 6, generator=g, dtype=torch.float64)
+        X = torch.randn(14, 6, generator=g, dtype=torch.float64).to(DEVICE)
+        G = torch.randn(14, 6, generator=g, dtype=torch.float64).to(DEVICE)
         lhs = (propagate(op, X, 1, backend=backend) * G).sum()
         rhs = (X * propagate(op.transpose(), G, 1, backend=backend)).sum()
         torch.testing.assert_close(lhs, rhs)
@@ -90,9 +92,9 @@ def test_forward_and_backward_bit_deterministic(graph, backend):
     op = user_hypergraph(R, RT)
     outs = []
     for _ in range(2):
-        X = torch.linspace(-1, 1, 14 * 8).reshape(14, 8).requires_grad_()
+        X = torch.linspace(-1, 1, 14 * 8, device=DEVICE).reshape(14, 8).requires_grad_()
         Y = propagate(op, X, 3, "mean", backend=backend)
-        (Y * torch.arange(8.0)).sum().backward()
+        (Y * torch.arange(8.0, device=DEVICE)).sum().backward()
         outs.append((Y.detach(), X.grad))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 

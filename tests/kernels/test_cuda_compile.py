@@ -22,9 +22,9 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's CUDA backend (bundled ptxas) not installed")
 def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions in the child
-    proc = subprocess.run([sys.executable, "-m", "hellm_ds.kernels.cuda_compile", "--arch", "80", "--arch", "90",
-                           "--cache-dir", str(tmp_path / "cache")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    cmd = [sys.executable, "-m", "hellm_ds.kernels.cuda_compile", "--arch", "80", "--arch", "90",
+           "--cache-dir", str(tmp_path / "cache")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads(proc.stdout)
     errors = [k for k in report["kernels"] if "error" in k or k["spill_bytes"] != 0]
     assert proc.returncode == 0 and not errors, (errors or proc.stderr[-3000:])

@@ -1,19 +1,18 @@
-"""The Triton SpMM (interpreted on CPU here) and the torch backend against a float64 dense reference."""
+"""The Triton SpMM and the torch backend against a float64 dense reference. Inputs live on ``DEVICE``: the
+GPU when there is one (compiled kernels, cuSPARSE), else the CPU (interpreted Triton, MKL)."""
 import pytest
 import torch
 
 from hellm_ds.graph.csr import CSR
 from hellm_ds.kernels.spmm import spmm, torch_sparse_available
-from tests.conftest import random_csr
+from tests.conftest import DEVICE, random_csr
 
 triton = pytest.importorskip("triton")
 from hellm_ds.kernels.spmm_triton import make_plan  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def small_plan(A, seg=5, group=3):
-    """Force the hub path (rows longer than `seg` split into segments) on tiny graphs."""
+    """A on DEVICE, with the hub path forced (rows longer than `seg` split into segments) on tiny graphs."""
+    A = A.to(DEVICE)
     A._cache["triton_plan"] = make_plan(A, seg=seg, group=group)
     return A
 
@@ -31,36 +30,38 @@ def reference(dense, X, rs=None, cs=None, diag=None, Z=None):
 @pytest.mark.parametrize("values", [False, True])
 def test_spmm_matches_dense(d, values):
     A, dense = random_csr(23, 17, 0.25, seed=d, hub_row=4, empty_rows=(0, 9), values=values)
-    small_plan(A)
+    A = small_plan(A)
     X = torch.randn(17, d, dtype=torch.float64)
     for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
-        Y = spmm(A, X, backend=backend)
-        torch.testing.assert_close(Y, reference(dense, X), rtol=1e-12, atol=1e-12)
+        Y = spmm(A, X.to(DEVICE), backend=backend)
+        torch.testing.assert_close(Y.cpu(), reference(dense, X), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_epilogue_and_layer_sum(dtype):
     A, dense = random_csr(19, 19, 0.3, seed=1, hub_row=2, empty_rows=(5,))
-    small_plan(A, seg=4, group=2)
+    A = small_plan(A, seg=4, group=2)
     g = torch.Generator().manual_seed(0)
     X = torch.randn(19, 33, generator=g, dtype=dtype)
     rs, cs, diag = (torch.rand(19, generator=g) for _ in range(3))
+    ref = reference(dense, X, rs, cs, diag, X)
+    X, rs, cs, diag = (t.to(DEVICE) for t in (X, rs, cs, diag))
     for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
-        total = torch.ones(19, 33, dtype=dtype)
+        total = torch.ones(19, 33, dtype=dtype, device=DEVICE)
         Y = spmm(A, X, row_scale=rs, col_scale=cs, diag=diag, Z=X, layer_sum=total, backend=backend)
-        ref = reference(dense, X, rs, cs, diag, X)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
-        torch.testing.assert_close(Y.double(), ref, rtol=tol, atol=tol)
-        torch.testing.assert_close(total.double(), ref + 1, rtol=tol, atol=tol)
+        torch.testing.assert_close(Y.cpu().double(), ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(total.cpu().double(), ref + 1, rtol=tol, atol=tol)
 
 
 def test_int64_indices_and_all_empty():
     A, dense = random_csr(12, 9, 0.4, seed=3, hub_row=1, index_dtype=torch.int64)
-    small_plan(A, seg=3)
+    A = small_plan(A, seg=3)
     X = torch.randn(9, 8, dtype=torch.float64)
-    torch.testing.assert_close(spmm(A, X, backend="triton"), dense @ X)
-    empty = CSR(torch.zeros(6, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), (5, 9))
-    assert torch.equal(spmm(empty, X, backend="triton"), torch.zeros(5, 8, dtype=torch.float64))
+    torch.testing.assert_close(spmm(A, X.to(DEVICE), backend="triton").cpu(), dense @ X)
+    empty = CSR(torch.zeros(6, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), (5, 9)).to(DEVICE)
+    Y = spmm(empty, X.to(DEVICE), backend="triton")
+    assert torch.equal(Y.cpu(), torch.zeros(5, 8, dtype=torch.float64))
 
 
 def test_hub_rows_are_split_into_balanced_segments():
@@ -81,8 +82,8 @@ def test_hub_rows_are_split_into_balanced_segments():
 
 def test_bit_deterministic_across_runs():
     A, _ = random_csr(30, 25, 0.3, seed=5, hub_row=7)
-    small_plan(A, seg=4)
-    X = torch.randn(25, 20)
+    A = small_plan(A, seg=4)
+    X = torch.randn(25, 20, device=DEVICE)
     runs = [spmm(A, X, backend="triton") for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
 
@@ -90,13 +91,13 @@ def test_bit_deterministic_across_runs():
 def test_width_above_512_is_refused():
     A, _ = random_csr(4, 4, 0.5, seed=0)
     with pytest.raises(ValueError, match="512"):
-        spmm(A, torch.randn(4, 513), backend="triton")
+        spmm(A.to(DEVICE), torch.randn(4, 513, device=DEVICE), backend="triton")
 
 
 def test_shape_mismatch_is_refused():
     A, _ = random_csr(4, 5, 0.5, seed=0)
     with pytest.raises(ValueError):
-        spmm(A, torch.randn(4, 3), backend="triton")
+        spmm(A.to(DEVICE), torch.randn(4, 3, device=DEVICE), backend="triton")
 
 
 def test_torch_backend_larger_graph_and_bf16():
@@ -118,3 +119,21 @@ def test_unknown_backend_and_unavailable_torch_sparse():
     if not torch_sparse_available():
         with pytest.raises(RuntimeError, match="torch_sparse"):
             spmm(A, torch.randn(4, 2), backend="torch_sparse")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 arithmetic needs compiled kernels (a GPU)")
+@pytest.mark.parametrize("d", [64, 65, 128])
+def test_bf16_features_fp32_accumulation_on_gpu(d):
+    """bf16 X and output, fp32 accumulation, fp32 running sum: within bf16 rounding of the exact product."""
+    A, dense = random_csr(300, 200, 0.05, seed=d, hub_row=3, empty_rows=(7,))
+    A = small_plan(A, seg=16, group=4)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(200, d, generator=g).to(torch.bfloat16)
+    rs, cs = torch.rand(300, generator=g), torch.rand(200, generator=g)
+    ref = reference(dense, X, rs, cs)
+    total = torch.zeros(300, d, device=DEVICE)
+    Y = spmm(A, X.to(DEVICE), row_scale=rs.to(DEVICE), col_scale=cs.to(DEVICE), layer_sum=total,
+             backend="triton")
+    assert Y.dtype == torch.bfloat16
+    torch.testing.assert_close(Y.cpu().double(), ref, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
+    torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-5, atol=1e-5)  # fp32 accumulation
