@@ -166,7 +166,8 @@ def setup_hellm_plain(args, device, dtype):
 
     cfg = HeLLMConfig(model=args.model, trainable_scope=args.trainable_scope, dtype=_dtype_name(dtype))
     g, s = random_item_tables(args.items, args.seed)
-    model = build_hellm(cfg, g, s, device=device, seed=args.seed).train()
+    # the backbone is created on the device: a 7B random init on the host takes minutes
+    model = build_hellm(cfg, g, s, device=device, seed=args.seed, init_context=torch.device(device)).train()
     opt = torch.optim.AdamW(_param_groups(model), lr=LR, betas=BETAS, weight_decay=WD)
 
     def step(batch):
@@ -230,7 +231,7 @@ def setup_hellm_deepspeed(args, device, dtype):
 
 def setup_hf_peft(args, device, dtype, hellm_model=None):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from hellm_ds.llm.backbone import build_offline_tokenizer, llama_config
     from hellm_ds.llm.config import INSTRUCTION, MODEL_SIZES, RESPONSE
@@ -240,10 +241,14 @@ def setup_hf_peft(args, device, dtype, hellm_model=None):
     resp_ids = torch.tensor(tokenizer(RESPONSE, add_special_tokens=False)["input_ids"])
     config = llama_config(MODEL_SIZES[args.model], len(tokenizer), "sdpa")
     torch.manual_seed(args.seed)
-    lm = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):  # created on the device in its dtype, as HeLLM's backbone
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    lm_head = lm.lm_head.weight.numel()  # never runs here (the item head does): not counted in MFU
     if args.trainable_scope == "lora":
+        # adapters in the base dtype, as HeLLM's (peft's default would keep them in fp32: a slower baseline)
         lm = get_peft_model(lm, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, bias="none",
-                                           target_modules=["gate_proj", "up_proj", "down_proj"]))
+                                           target_modules=["gate_proj", "up_proj", "down_proj"]),
+                            autocast_adapter_dtype=False)
         decoder = lm.base_model.model.model
     else:
         decoder = lm.model
@@ -268,7 +273,9 @@ def setup_hf_peft(args, device, dtype, hellm_model=None):
 
     step.convert = convert
     n, t = _counts(model)
-    what = "peft LoRA r16 on gate/up/down" if args.trainable_scope == "lora" else "every parameter trains"
+    n -= lm_head
+    what = ("peft LoRA r16 on gate/up/down, adapters in the base dtype" if args.trainable_scope == "lora"
+            else "every parameter trains")
     return step, n, t, f"plain torch: HF LlamaForCausalLM ({what}) + Linear item head, torch AdamW", model
 
 
@@ -444,6 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             rec = run_method(name, setup_hf_peft, args, device, dtype, batches, Ti + Tr, peak_tflops * 1e12)
         records.append(rec)
+        write_json(Path(args.out), header, records, None)  # so far: a run cut short keeps what it measured
     records.sort(key=lambda r: methods.index(r["name"]))
     by = {r["name"]: r for r in records if r["status"] == "ok"}
     summary = {"ratio_samples_per_s": (by["hellm"]["metrics"]["samples_per_s"]
