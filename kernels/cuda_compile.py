@@ -1,4 +1,4 @@
-"""Compile the Triton kernels for a CUDA GPU on a machine without one: every specialisation the graph stage launches.
+"""Compile every Triton specialisation the graph stage launches for a CUDA GPU, on a machine without one.
 
     python -m hellm_ds.kernels.cuda_compile --arch 90 [--arch 80] [--cache-dir DIR]
 
@@ -10,10 +10,10 @@ resulting specialisation is compiled to a cubin with Triton's bundled ``ptxas``.
 so the outputs of the intercepted launches are left unset — this checks compilation, not numbers (those are
 checked under ``TRITON_INTERPRET=1`` and on a GPU by ``tests/kernels``).
 
-Prints JSON: per specialisation, registers, spilled bytes, shared memory (``cuobjdump --dump-resource-usage``)
-and the PTX's global loads by width (``ld.global.v4.b32`` = 128-bit vector loads of X). Exit status 1 when any
-specialisation fails to compile or spills registers. The cubins are written where Triton keeps its cache
-(``--cache-dir``, else ``TRITON_CACHE_DIR``, else ``~/.triton/cache``).
+Prints JSON: per specialisation, registers and spilled bytes (``cuobjdump --dump-resource-usage``), Triton's
+shared memory per program, and the PTX's global loads by width (``ld.global.v4.b32`` = 128-bit vector loads
+of X). Exit status 1 when any specialisation fails to compile or spills registers. The cubins are written
+where Triton keeps its cache (``--cache-dir``, else ``TRITON_CACHE_DIR``, else ``~/.triton/cache``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class CompiledSpec:
         flags = {k: v for k, v in self.constexprs.items() if k.startswith(("HAS_", "BLOCK", "GROUP", "ACC"))}
         out = {"kernel": self.kernel, "arch": f"sm_{self.arch}", "pointer_types": types, **flags,
                "width": self.width, "registers": self.registers, "spill_bytes": self.spill_bytes,
-               "shared_bytes": self.shared_bytes, "global_loads": self.global_loads, "seconds": round(self.seconds, 2)}
+               "shared_bytes": self.shared_bytes, "global_loads": self.global_loads,
+               "seconds": round(self.seconds, 2)}
         if self.error:
             out["error"] = self.error
         return out
@@ -67,11 +68,10 @@ class Recorder:
 
     def launch(self, args, kwargs):
         import triton
+        from triton import knobs
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
         from triton.runtime.jit import create_function_from_signature
-
-        from triton import knobs
 
         # the options a GPU launch adds before binding (JITFunction.run), so the specialisation is the same
         kwargs = dict(kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug)
@@ -95,17 +95,19 @@ class Recorder:
             try:
                 src = triton.compiler.ASTSource(self.fn, signature, constexprs, attrs)
                 kernel = triton.compile(src, target=target, options=options.__dict__)
-                spec.registers, spec.spill_bytes, spec.shared_bytes = resource_usage(kernel.asm["cubin"])
+                spec.registers, spec.spill_bytes = resource_usage(kernel.asm["cubin"])
+                spec.shared_bytes = int(kernel.metadata.shared)  # Triton's dynamic shared memory per program
                 loads = Counter(re.findall(r"ld\.global(?:\.\w+)*", kernel.asm["ptx"]))
                 spec.global_loads = dict(sorted(loads.items()))
             except Exception as exc:  # report every failing specialisation, not just the first
-                spec.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                last_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                spec.error = f"{type(exc).__name__}: {last_line}"
             spec.seconds = time.perf_counter() - t0
             self.compiled[key] = spec
 
 
-def resource_usage(cubin: bytes) -> tuple[int, int, int]:
-    """(registers, spilled bytes (local memory), static shared memory) of a cubin's kernel."""
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, spilled bytes per thread (local memory)) of a cubin's kernel."""
     from triton import knobs
 
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -113,8 +115,8 @@ def resource_usage(cubin: bytes) -> tuple[int, int, int]:
         f.flush()
         text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name], check=True,
                               capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"\b(REG|LOCAL|SHARED):(\d+)", text))
-    return int(fields.get("REG", -1)), int(fields.get("LOCAL", -1)), int(fields.get("SHARED", -1))
+    fields = dict(re.findall(r"\b(REG|LOCAL):(\d+)", text))
+    return int(fields.get("REG", -1)), int(fields.get("LOCAL", -1))
 
 
 def exercise_graph_stage(seed: int = 0) -> None:
@@ -141,8 +143,9 @@ def exercise_graph_stage(seed: int = 0) -> None:
         for A in (R, RT):
             A._cache["triton_plan"] = make_plan(A, seg=8)
         u2u, i2i, lgcn = user_hypergraph(R, RT), item_hypergraph(RT, R), bipartite_operator(R, RT)
-        widths = (1, 64, 65, 128) if index_dtype == torch.int32 else (64,)
-        dtypes = (torch.float32, torch.bfloat16, torch.float64) if index_dtype == torch.int32 else (torch.float32,)
+        full = index_dtype == torch.int32  # every dtype and width once; int64 indices at d = 64 fp32
+        widths = (1, 64, 65, 128) if full else (64,)
+        dtypes = (torch.float32, torch.bfloat16, torch.float64) if full else (torch.float32,)
         for dtype in dtypes:
             for d in widths:
                 for op in (u2u, i2i):
@@ -153,18 +156,20 @@ def exercise_graph_stage(seed: int = 0) -> None:
                 Ei = torch.randn(n_items, d, dtype=dtype, requires_grad=True)
                 sum(t.float().sum() for t in lightgcn_propagate(lgcn, Eu, Ei, 2, backend="triton")).backward()
                 values = torch.rand(R.nnz, dtype=torch.float32, requires_grad=True)
-                sparse_mm(R, Ei.detach().requires_grad_(), RT, row_scale=lgcn.ru, col_scale=lgcn.ri, values=values,
-                          backend="triton").float().sum().backward()
+                Y = sparse_mm(R, Ei.detach().requires_grad_(), RT, row_scale=lgcn.ru, col_scale=lgcn.ri,
+                              values=values, backend="triton")
+                Y.float().sum().backward()
 
 
 def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
     os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions, not interpreted ones
     from hellm_ds.kernels import spmm_triton
 
-    recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in ("_spmm_kernel", "_hub_reduce_kernel")}
+    names = ("_spmm_kernel", "_hub_reduce_kernel")
+    recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in names}
     for name, rec in recorders.items():
         setattr(spmm_triton, name, rec)
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the library route CPU tensors to the (intercepted) Triton backend
+    os.environ["TRITON_INTERPRET"] = "1"  # the library then routes CPU tensors to the (intercepted) kernels
     try:
         exercise_graph_stage()
     finally:
@@ -175,11 +180,12 @@ def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hellm_ds.kernels.cuda_compile", description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", type=int, action="append", help="CUDA compute capability ×10 (80 = A100, 90 = H100); "
-                    "repeatable; default 90")
-    ap.add_argument("--cache-dir", help="where Triton writes the compiled kernels (default: TRITON_CACHE_DIR or "
-                    "~/.triton/cache)")
+    ap = argparse.ArgumentParser(prog="python -m hellm_ds.kernels.cuda_compile",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", type=int, action="append",
+                    help="CUDA compute capability ×10 (80 = A100, 90 = H100); repeatable; default 90")
+    ap.add_argument("--cache-dir",
+                    help="where Triton writes the kernels (default: TRITON_CACHE_DIR or ~/.triton/cache)")
     args = ap.parse_args(argv)
     if args.cache_dir:
         os.environ["TRITON_CACHE_DIR"] = args.cache_dir
