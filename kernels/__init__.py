@@ -4,7 +4,7 @@ Public functions (all differentiable, backward through stored transposes, determ
     sparse_mm(A, X, ...)                  Y = rs ⊙ A (cs ⊙ X)
     propagate(op, X, layers, combine)     U2U / I2I propagation, two fused SpMMs per layer
     lightgcn_propagate(op, Eu, Ei, L)     LightGCN layer mean over Â
-Each takes ``backend="auto" | "triton" | "torch" | "torch_sparse"``.
+Each takes ``backend="auto" | "triton" | "triton_tile" | "torch" | "torch_sparse"``.
 """
 from hellm_ds.kernels.autograd import COMBINES, lightgcn_propagate, propagate, sddmm, sparse_mm
 from hellm_ds.kernels.spmm import BACKENDS, resolve_backend, spmm, torch_sparse_available, triton_available

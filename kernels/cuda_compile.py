@@ -3,10 +3,11 @@
     python -m hellm_ds.kernels.cuda_compile --arch 90 [--arch 80] [--cache-dir DIR]
 
 The graph stage's real code paths (U2U / I2I propagation, LightGCN, ``sparse_mm`` with learned values, each
-forward and backward, in fp32 / bf16 / fp64 at several feature widths, int32 and int64 indices, with hub rows)
-run on small CPU tensors while every kernel launch is intercepted: its arguments go through Triton's own
-binder for the CUDA target (the same type and alignment specialisation a GPU launch would make) and the
-resulting specialisation is compiled to a cubin with Triton's bundled ``ptxas``. Nothing executes on a GPU,
+forward and backward, through both kernel variants, in fp32 / bf16 / fp64 at several feature widths, int32
+and int64 indices, with hub rows) run on small CPU tensors while every kernel launch is intercepted: its
+arguments go through Triton's own binder for the CUDA target (the same type and alignment specialisation a
+GPU launch would make) and the resulting specialisation is compiled to a cubin with Triton's bundled
+``ptxas``. Nothing executes on a GPU,
 so the outputs of the intercepted launches are left unset — this checks compilation, not numbers (those are
 checked under ``TRITON_INTERPRET=1`` and on a GPU by ``tests/kernels``).
 
@@ -148,24 +149,26 @@ def exercise_graph_stage(seed: int = 0) -> None:
         dtypes = (torch.float32, torch.bfloat16, torch.float64) if full else (torch.float32,)
         for dtype in dtypes:
             for d in widths:
-                for op in (u2u, i2i):
-                    for combine in ("last", "sum"):
-                        X = torch.randn(op.n, d, dtype=dtype, requires_grad=True)
-                        propagate(op, X, 2, combine, backend="triton").float().sum().backward()
-                Eu = torch.randn(n_users, d, dtype=dtype, requires_grad=True)
-                Ei = torch.randn(n_items, d, dtype=dtype, requires_grad=True)
-                sum(t.float().sum() for t in lightgcn_propagate(lgcn, Eu, Ei, 2, backend="triton")).backward()
-                values = torch.rand(R.nnz, dtype=torch.float32, requires_grad=True)
-                Y = sparse_mm(R, Ei.detach().requires_grad_(), RT, row_scale=lgcn.ru, col_scale=lgcn.ri,
-                              values=values, backend="triton")
-                Y.float().sum().backward()
+                for backend in ("triton", "triton_tile"):
+                    for op in (u2u, i2i):
+                        for combine in ("last", "sum"):
+                            X = torch.randn(op.n, d, dtype=dtype, requires_grad=True)
+                            propagate(op, X, 2, combine, backend=backend).float().sum().backward()
+                    Eu = torch.randn(n_users, d, dtype=dtype, requires_grad=True)
+                    Ei = torch.randn(n_items, d, dtype=dtype, requires_grad=True)
+                    lgcn_out = lightgcn_propagate(lgcn, Eu, Ei, 2, backend=backend)
+                    sum(t.float().sum() for t in lgcn_out).backward()
+                    values = torch.rand(R.nnz, dtype=torch.float32, requires_grad=True)
+                    Y = sparse_mm(R, Ei.detach().requires_grad_(), RT, row_scale=lgcn.ru, col_scale=lgcn.ri,
+                                  values=values, backend=backend)
+                    Y.float().sum().backward()
 
 
 def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
     os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions, not interpreted ones
     from hellm_ds.kernels import spmm_triton
 
-    names = ("_spmm_kernel", "_hub_reduce_kernel")
+    names = ("_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel")
     recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in names}
     for name, rec in recorders.items():
         setattr(spmm_triton, name, rec)

@@ -4,6 +4,7 @@
 
 Backends:
 - ``triton``: ``kernels.spmm_triton`` — CUDA tensors (CPU tensors too under ``TRITON_INTERPRET=1``, for tests);
+  ``triton_tile`` is its tile variant (same results; see that module — the GPU benchmark compares the two);
 - ``torch``: ``torch.sparse`` CSR ``@`` (cuSPARSE on GPU, MKL on CPU) plus elementwise ops — the reference;
 - ``torch_sparse``: ``torch_sparse.matmul`` when the optional package is installed.
 ``auto`` picks Triton for CUDA tensors and ``torch`` otherwise.
@@ -18,7 +19,7 @@ import torch
 
 from hellm_ds.graph.csr import CSR
 
-BACKENDS = ("auto", "triton", "torch", "torch_sparse")
+BACKENDS = ("auto", "triton", "triton_tile", "torch", "torch_sparse")
 
 
 def triton_available() -> bool:
@@ -44,11 +45,12 @@ def resolve_backend(backend: str, X: torch.Tensor) -> str:
         raise ValueError(f"unknown SpMM backend {backend!r}; choose from {BACKENDS}")
     if backend == "auto":
         return "triton" if X.is_cuda and triton_available() else "torch"
-    if backend == "triton":
+    if backend in ("triton", "triton_tile"):
         if not triton_available():
-            raise RuntimeError("backend 'triton' requested but triton is not installed")
+            raise RuntimeError(f"backend {backend!r} requested but triton is not installed")
         if not X.is_cuda and not triton_interpreted():
-            raise RuntimeError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests)")
+            raise RuntimeError(f"backend {backend!r} needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                               "tests)")
     if backend == "torch_sparse" and not torch_sparse_available():
         raise RuntimeError("backend 'torch_sparse' requested but torch_sparse cannot be imported (pip install "
                            "torch-scatter torch-sparse --no-build-isolation, against the installed torch)")
@@ -123,9 +125,10 @@ def spmm(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=None, Z=N
     if (diag is None) != (Z is None):
         raise ValueError("diag and Z go together")
     b = resolve_backend(backend, X)
-    if b == "triton":
+    if b in ("triton", "triton_tile"):
         from hellm_ds.kernels.spmm_triton import spmm_triton
 
-        return spmm_triton(A, X, row_scale, col_scale, diag, Z, layer_sum, out)
+        return spmm_triton(A, X, row_scale, col_scale, diag, Z, layer_sum, out,
+                           variant="tile" if b == "triton_tile" else "rows")
     fn = spmm_torch if b == "torch" else spmm_torch_sparse
     return fn(A, X, row_scale, col_scale, diag, Z, layer_sum, out)

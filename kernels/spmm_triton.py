@@ -19,6 +19,14 @@ Work decomposition (one launch, plus one for long rows when there are any):
   10⁶ → 177) instead of serialising the launch, and no atomics are used anywhere: results are bit-identical
   run to run.
 
+Two variants of the short-row path, same plan, same hub path, same results (backend ``triton`` and
+``triton_tile``); which is faster is the GPU benchmark's call (``launch/bench_kernels.py`` times both):
+- ``rows``: the GROUP rows of a program one after another, each in ``BLOCK_NNZ``-long chunks;
+- ``tile``: the GROUP rows at once as a [GROUP, BLOCK_NNZ, BLOCK_D] tile per chunk — one chain of dependent
+  loads (row pointers → column indices → X rows) per chunk for all the rows instead of one per row, so a
+  program keeps GROUP rows' gathers in flight; rows shorter than the group's longest idle (masked: no
+  memory traffic).
+
 The PyTorch reference beside it is ``kernels.spmm.spmm_torch``; ``tests/kernels/test_spmm_triton.py``
 compares the two against a float64 dense product.
 """
@@ -100,6 +108,59 @@ def _spmm_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stri
 
 
 @triton.jit
+def _spmm_tile_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x,
+                      out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr, stride_z, sum_ptr, stride_sum,
+                      seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p,
+                      n_rows, n_groups, D, SEG,
+                      GROUP: tl.constexpr, BLOCK_NNZ: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SEG_NNZ: tl.constexpr,
+                      HAS_VALUES: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
+                      HAS_DIAG: tl.constexpr, HAS_SUM: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    if pid < n_groups:
+        rows = pid.to(tl.int64) * GROUP + tl.arange(0, GROUP)
+        live = rows < n_rows
+        lo = tl.load(indptr_ptr + rows, mask=live, other=0).to(tl.int64)
+        n = tl.load(indptr_ptr + rows + 1, mask=live, other=0).to(tl.int64) - lo
+        live = live & (n <= SEG)  # longer rows are done by the segment programs below
+        n = tl.where(live, n, 0)
+        acc = tl.zeros([GROUP, BLOCK_D], ACC)
+        for k in range(0, tl.max(n, axis=0), BLOCK_NNZ):
+            kk = k + tl.arange(0, BLOCK_NNZ)
+            m = kk[None, :] < n[:, None]  # [GROUP, BLOCK_NNZ]
+            pos = lo[:, None] + kk[None, :]
+            col = tl.load(indices_ptr + pos, mask=m, other=0).to(tl.int64)
+            xt = tl.load(x_ptr + col[:, :, None] * stride_x + offs_d[None, None, :],
+                         mask=m[:, :, None] & mask_d[None, None, :], other=0.0).to(ACC)
+            if HAS_VALUES:
+                xt = xt * tl.load(values_ptr + pos, mask=m, other=0.0).to(ACC)[:, :, None]
+            if HAS_COL_SCALE:
+                xt = xt * tl.load(col_scale_ptr + col, mask=m, other=0.0).to(ACC)[:, :, None]
+            acc += tl.sum(xt, axis=1)
+        if HAS_ROW_SCALE:
+            acc = acc * tl.load(row_scale_ptr + rows, mask=live, other=0.0).to(ACC)[:, None]
+        m2 = live[:, None] & mask_d[None, :]
+        if HAS_DIAG:
+            z = tl.load(z_ptr + rows[:, None] * stride_z + offs_d[None, :], mask=m2, other=0.0).to(ACC)
+            acc = acc - tl.load(diag_ptr + rows, mask=live, other=0.0).to(ACC)[:, None] * z
+        tl.store(out_ptr + rows[:, None] * stride_out + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=m2)
+        if HAS_SUM:
+            s_ptrs = sum_ptr + rows[:, None] * stride_sum + offs_d[None, :]
+            total = tl.load(s_ptrs, mask=m2, other=0.0).to(ACC)
+            tl.store(s_ptrs, (total + acc).to(sum_ptr.dtype.element_ty), mask=m2)
+    else:  # (names differ from the branch above: compiled Triton needs one type per name across branches)
+        seg = pid - n_groups
+        seg_lo = tl.load(seg_lo_ptr + seg).to(tl.int64)
+        seg_hi = tl.load(seg_hi_ptr + seg).to(tl.int64)
+        part = _row_dot(seg_lo, seg_hi, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d,
+                        HAS_VALUES, HAS_COL_SCALE, SEG_NNZ, BLOCK_D, ACC)
+        tl.store(partial_ptr + seg * stride_p + offs_d, part, mask=mask_d)
+
+
+@triton.jit
 def _hub_reduce_kernel(hub_rows_ptr, hub_first_ptr, partial_ptr, stride_p,
                        out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr, stride_z, sum_ptr, stride_sum, D,
                        BLOCK_D: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_DIAG: tl.constexpr,
@@ -163,9 +224,23 @@ def _plan(A: CSR) -> SpmmPlan:
     return A._cache["triton_plan"]
 
 
+VARIANTS = ("rows", "tile")
+TILE_ELEMENTS = 2048  # the tile variant's [GROUP, BLOCK_NNZ, BLOCK_D] gather per chunk (16 values per thread)
+
+
+def tile_shape(block_d: int) -> tuple[int, int]:
+    """(GROUP, BLOCK_NNZ) of the tile variant: chunks of 16 non-zeros (a typical row) at d ≤ 64, 8 wider,
+    as many rows as fit ``TILE_ELEMENTS`` (≤ 16)."""
+    block_nnz = 32 if block_d <= 16 else 16 if block_d <= 64 else 8
+    return max(1, min(16, TILE_ELEMENTS // (block_nnz * block_d))), block_nnz
+
+
 def spmm_triton(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=None, Z=None,
-                layer_sum=None, out: torch.Tensor | None = None, plan: SpmmPlan | None = None) -> torch.Tensor:
+                layer_sum=None, out: torch.Tensor | None = None, plan: SpmmPlan | None = None,
+                variant: str = "rows") -> torch.Tensor:
     """``out = rs ⊙ (A · (cs ⊙ X)) − c ⊙ Z`` and ``layer_sum += out`` in one pass (see module docstring)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     n_rows, n_cols = A.shape
     if X.dim() != 2 or X.shape[0] != n_cols:
         raise ValueError(f"X must be [{n_cols}, d], got {tuple(X.shape)}")
@@ -186,16 +261,21 @@ def spmm_triton(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=No
     flags = dict(HAS_VALUES=A.values is not None, HAS_COL_SCALE=col_scale is not None,
                  HAS_ROW_SCALE=row_scale is not None, HAS_DIAG=diag is not None, HAS_SUM=layer_sum is not None,
                  ACC=acc)
-    grid = (plan.n_groups + plan.n_segments, triton.cdiv(D, BLOCK_D))
-    _spmm_kernel[grid](
-        A.indptr, A.indices, A.values if A.values is not None else dummy,
-        col_scale if col_scale is not None else dummy, X, X.stride(0),
-        out, out.stride(0), row_scale if row_scale is not None else dummy, diag if diag is not None else dummy,
-        zt, zt.stride(0), st, st.stride(0),
-        plan.seg_lo, plan.seg_hi, partial, partial.stride(0),
-        n_rows, plan.n_groups, D, plan.seg,
-        GROUP=plan.group, BLOCK_NNZ=BLOCK_NNZ, BLOCK_D=BLOCK_D, **flags,
-    )
+    args = (A.indptr, A.indices, A.values if A.values is not None else dummy,
+            col_scale if col_scale is not None else dummy, X, X.stride(0),
+            out, out.stride(0), row_scale if row_scale is not None else dummy, diag if diag is not None else dummy,
+            zt, zt.stride(0), st, st.stride(0),
+            plan.seg_lo, plan.seg_hi, partial, partial.stride(0))
+    if variant == "rows":
+        grid = (plan.n_groups + plan.n_segments, triton.cdiv(D, BLOCK_D))
+        _spmm_kernel[grid](*args, n_rows, plan.n_groups, D, plan.seg,
+                           GROUP=plan.group, BLOCK_NNZ=BLOCK_NNZ, BLOCK_D=BLOCK_D, **flags)
+    else:
+        group, block_nnz = tile_shape(BLOCK_D)
+        n_groups = triton.cdiv(n_rows, group)
+        grid = (n_groups + plan.n_segments, triton.cdiv(D, BLOCK_D))
+        _spmm_tile_kernel[grid](*args, n_rows, n_groups, D, plan.seg, GROUP=group, BLOCK_NNZ=block_nnz,
+                                BLOCK_D=BLOCK_D, SEG_NNZ=BLOCK_NNZ, **flags)
     if plan.hub_rows.numel():
         _hub_reduce_kernel[(plan.hub_rows.numel(), triton.cdiv(D, BLOCK_D))](
             plan.hub_rows, plan.hub_first, partial, partial.stride(0),

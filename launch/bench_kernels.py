@@ -449,6 +449,8 @@ def spmm_methods(A, X: torch.Tensor, project_backend: str, dtype: torch.dtype) -
 
     methods = [
         Method(f"project[{project_backend}]", lambda: P.spmm(A, X, backend=project_backend)),
+        *([Method("project[triton_tile]", lambda: P.spmm(A, X, backend="triton_tile"), "the tile variant")]
+          if project_backend == "triton" else []),
         Method("torch_csr", csr(dtype), "cuSPARSE" if X.is_cuda else "MKL / native CPU",
                _dtype_fallback(csr, dtype, "torch CSR @")),
         Method("torch_coo", coo(dtype), "torch.sparse.mm on coalesced COO",
@@ -562,6 +564,9 @@ def bench_two_stage(bench: Bench, cfg: Config, case: str, graph: str, op, gen: t
                 Method(f"project[{cfg.project_backend}]",
                        lambda X=X: P.propagate(op, X, 1, "last", backend=cfg.project_backend),
                        "both stages, 1 layer"),
+                *([Method("project[triton_tile]",
+                          lambda X=X: P.propagate(op, X, 1, "last", backend="triton_tile"),
+                          "both stages, 1 layer, the tile variant")] if cfg.project_backend == "triton" else []),
                 Method("torch_csr", lambda X=X: P.propagate(op, X, 1, "last", backend="torch"),
                        "two stages on " + ("cuSPARSE" if X.is_cuda else "MKL / native CPU")),
             ]

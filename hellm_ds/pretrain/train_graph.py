@@ -32,6 +32,7 @@ from hellm_ds.data.dataset import Dataset, load_dataset
 from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate_splits
 from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
+from hellm_ds.kernels.spmm import BACKENDS
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
 from hellm_ds.utils.device import resolve_device
@@ -56,7 +57,7 @@ class GraphTrainConfig:
     seed: int = 0
     device: str = "auto"
     backend: str = "auto"
-    time_budget: float | None = None  # seconds of training across resumes; stops after the epoch that crosses it
+    time_budget: float | None = None  # seconds of training, across resumes; stops after the epoch crossing it
     eval_batch_size: int = 1024
 
 
@@ -221,7 +222,7 @@ def add_cli(sub) -> None:
         typ = float if name in ("lr", "time_budget") else int
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "torch_sparse"])
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)

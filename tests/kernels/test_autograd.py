@@ -8,7 +8,7 @@ from hellm_ds.kernels import lightgcn_propagate, propagate, sparse_mm
 from hellm_ds.kernels import torch_sparse_available
 from tests.conftest import DEVICE, random_csr
 
-BACKENDS = ["torch", "triton", pytest.param("torch_sparse", marks=pytest.mark.skipif(
+BACKENDS = ["torch", "triton", "triton_tile", pytest.param("torch_sparse", marks=pytest.mark.skipif(
     not torch_sparse_available(), reason="optional torch_sparse backend not installed"))]
 
 
@@ -43,7 +43,7 @@ def test_sparse_mm_gradcheck_x_and_values(backend):
 
 # The Triton interpreter runs each launch in numpy: its gradchecks use fast mode (one random projection of
 # the Jacobian, exact for these linear maps) and the narrowest input; the full Jacobian is checked on torch.
-FAST = {"torch": False, "triton": True, "torch_sparse": False}
+FAST = {"torch": False, "triton": True, "triton_tile": True, "torch_sparse": False}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -51,7 +51,7 @@ FAST = {"torch": False, "triton": True, "torch_sparse": False}
 def test_propagate_gradcheck_u2u_and_i2i(graph, backend, combine):
     R, RT, _ = graph
     for op, n in ((user_hypergraph(R, RT), 14), (item_hypergraph(R, RT), 14)):
-        X = torch.randn(n, 1 if backend == "triton" else 3, dtype=torch.float64, device=DEVICE,
+        X = torch.randn(n, 1 if backend.startswith("triton") else 3, dtype=torch.float64, device=DEVICE,
                         requires_grad=True)
         f = lambda x: propagate(op, x, 2, combine, backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(f, (X,), fast_mode=FAST[backend])

@@ -30,9 +30,9 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     assert proc.returncode == 0 and not errors, (errors or proc.stderr[-3000:])
     kernels = report["kernels"]
     assert {k["arch"] for k in kernels} == {"sm_80", "sm_90"}
-    assert {k["kernel"] for k in kernels} == {"_spmm_kernel", "_hub_reduce_kernel"}
+    assert {k["kernel"] for k in kernels} == {"_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel"}
     # the paths that were exercised: every dtype and width, both index widths, all epilogue flags
-    spmm = [k for k in kernels if k["kernel"] == "_spmm_kernel"]
+    spmm = [k for k in kernels if k["kernel"] in ("_spmm_kernel", "_spmm_tile_kernel")]
     assert {k["width"] for k in spmm} == {1, 64, 65, 128}
     assert {k["ACC"] for k in spmm} == {"fp32", "fp64"}
     assert any("*bf16" in k["pointer_types"] for k in spmm)
@@ -43,3 +43,4 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     aligned = [k for k in spmm if k["width"] in (64, 128) and k["ACC"] == "fp32"]
     assert aligned and all(k["global_loads"].get("ld.global.v4.b32", 0) >= 4 for k in aligned), aligned
     assert all(0 < k["registers"] <= 128 for k in kernels)  # ≥ 4 programs of 4 warps resident per SM
+    assert {k["kernel"] for k in aligned} == {"_spmm_kernel", "_spmm_tile_kernel"}

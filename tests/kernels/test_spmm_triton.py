@@ -10,6 +10,9 @@ from tests.conftest import DEVICE, random_csr
 triton = pytest.importorskip("triton")
 from hellm_ds.kernels.spmm_triton import make_plan  # noqa: E402
 
+SPMM_BACKENDS = ("triton", "triton_tile", "torch") + (("torch_sparse",) if torch_sparse_available() else ())
+
+
 def small_plan(A, seg=5, group=3):
     """A on DEVICE, with the hub path forced (rows longer than `seg` split into segments) on tiny graphs."""
     A = A.to(DEVICE)
@@ -32,7 +35,7 @@ def test_spmm_matches_dense(d, values):
     A, dense = random_csr(23, 17, 0.25, seed=d, hub_row=4, empty_rows=(0, 9), values=values)
     A = small_plan(A)
     X = torch.randn(17, d, dtype=torch.float64)
-    for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
+    for backend in SPMM_BACKENDS:
         Y = spmm(A, X.to(DEVICE), backend=backend)
         torch.testing.assert_close(Y.cpu(), reference(dense, X), rtol=1e-12, atol=1e-12)
 
@@ -46,7 +49,7 @@ def test_fused_epilogue_and_layer_sum(dtype):
     rs, cs, diag = (torch.rand(19, generator=g) for _ in range(3))
     ref = reference(dense, X, rs, cs, diag, X)
     X, rs, cs, diag = (t.to(DEVICE) for t in (X, rs, cs, diag))
-    for backend in ("triton", "torch") + (("torch_sparse",) if torch_sparse_available() else ()):
+    for backend in SPMM_BACKENDS:
         total = torch.ones(19, 33, dtype=dtype, device=DEVICE)
         Y = spmm(A, X, row_scale=rs, col_scale=cs, diag=diag, Z=X, layer_sum=total, backend=backend)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -54,13 +57,14 @@ def test_fused_epilogue_and_layer_sum(dtype):
         torch.testing.assert_close(total.cpu().double(), ref + 1, rtol=tol, atol=tol)
 
 
-def test_int64_indices_and_all_empty():
+@pytest.mark.parametrize("backend", ["triton", "triton_tile"])
+def test_int64_indices_and_all_empty(backend):
     A, dense = random_csr(12, 9, 0.4, seed=3, hub_row=1, index_dtype=torch.int64)
     A = small_plan(A, seg=3)
     X = torch.randn(9, 8, dtype=torch.float64)
-    torch.testing.assert_close(spmm(A, X.to(DEVICE), backend="triton").cpu(), dense @ X)
+    torch.testing.assert_close(spmm(A, X.to(DEVICE), backend=backend).cpu(), dense @ X)
     empty = CSR(torch.zeros(6, dtype=torch.int32), torch.zeros(0, dtype=torch.int32), (5, 9)).to(DEVICE)
-    Y = spmm(empty, X.to(DEVICE), backend="triton")
+    Y = spmm(empty, X.to(DEVICE), backend=backend)
     assert torch.equal(Y.cpu(), torch.zeros(5, 8, dtype=torch.float64))
 
 
@@ -80,12 +84,29 @@ def test_hub_rows_are_split_into_balanced_segments():
     assert int((plan.seg_hi - plan.seg_lo).sum()) == 100_000
 
 
-def test_bit_deterministic_across_runs():
+@pytest.mark.parametrize("backend", ["triton", "triton_tile"])
+def test_bit_deterministic_across_runs(backend):
     A, _ = random_csr(30, 25, 0.3, seed=5, hub_row=7)
     A = small_plan(A, seg=4)
     X = torch.randn(25, 20, device=DEVICE)
-    runs = [spmm(A, X, backend="triton") for _ in range(2)]
+    runs = [spmm(A, X, backend=backend) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+
+
+def test_tile_variant_rows_of_every_length_in_one_group():
+    """The tile variant's chunks run to the group's longest row: mixed lengths (0 … > BLOCK_NNZ, a hub)
+    in the same group, and more rows than one group."""
+    from hellm_ds.kernels.spmm_triton import tile_shape
+
+    group, block_nnz = tile_shape(64)
+    lengths = [0, 1, 3 * block_nnz + 5, block_nnz, 2, 40, 0, block_nnz + 1] * 3
+    rows = [r for r, n in enumerate(lengths) for _ in range(n)]
+    cols = [c for n in lengths for c in range(n)]
+    A = small_plan(CSR.from_coo(rows, cols, (len(lengths), 60)), seg=45, group=2)  # the 53-long rows are hubs
+    dense = A.to_dense()
+    X = torch.randn(60, 64, dtype=torch.float64)
+    for backend in ("triton_tile", "triton"):
+        torch.testing.assert_close(spmm(A, X.to(DEVICE), backend=backend).cpu(), dense @ X)
 
 
 def test_width_above_512_is_refused():
@@ -132,9 +153,10 @@ def test_bf16_features_fp32_accumulation(d):
     X = torch.randn(m, d, generator=g).to(torch.bfloat16)
     rs, cs = torch.rand(n, generator=g), torch.rand(m, generator=g)
     ref = reference(dense, X, rs, cs)
-    total = torch.zeros(n, d, device=DEVICE)
-    Y = spmm(A, X.to(DEVICE), row_scale=rs.to(DEVICE), col_scale=cs.to(DEVICE), layer_sum=total,
-             backend="triton")
-    assert Y.dtype == torch.bfloat16
-    torch.testing.assert_close(Y.cpu().double(), ref, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
-    torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-5, atol=1e-5)  # fp32 accumulation
+    for backend in ("triton", "triton_tile"):
+        total = torch.zeros(n, d, device=DEVICE)
+        Y = spmm(A, X.to(DEVICE), row_scale=rs.to(DEVICE), col_scale=cs.to(DEVICE), layer_sum=total,
+                 backend=backend)
+        assert Y.dtype == torch.bfloat16
+        torch.testing.assert_close(Y.cpu().double(), ref, rtol=1e-2, atol=1e-2)  # the output's bf16 rounding
+        torch.testing.assert_close(total.cpu().double(), ref, rtol=1e-5, atol=1e-5)  # fp32 accumulation
