@@ -1,9 +1,9 @@
 """Find a DeepSpeed JSON config: the shipped ``ds_configs/*.json`` from any working directory and any install.
 
-A path that exists is used as is. Otherwise ``ds_configs/NAME.json`` (the documented spelling) is looked up
-in the source tree (a checkout or an editable install) and then among the copies a wheel installs as package
-data (``hellm_ds.ds_configs``), so ``hellm-ds pipeline`` and ``python -m hellm_ds.train`` find them outside
-the repository too.
+A path that exists is used as is (a user's own ``ds_configs/zero3.json`` wins). Otherwise
+``ds_configs/NAME.json`` (the documented spelling) or a bare ``NAME.json`` is looked up among the copies
+installed with the package (``hellm_ds.ds_configs`` package data) and then in the source tree (a checkout),
+so ``hellm-ds pipeline`` and ``python -m hellm_ds.train`` find them from any directory.
 """
 from __future__ import annotations
 
