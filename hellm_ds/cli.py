@@ -14,6 +14,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
     hellm-ds encode-text --data DIR [--model PATH] [--out-name text] [--max-length 128] [--overwrite]
     hellm-ds plot --run DIR [--out DIR/plots] [--metrics Recall@10,NDCG@10]   (PNG curves of DIR/log.jsonl)
+    hellm-ds cuda-compile [--arch 90 --arch 80]   (the Triton kernels compiled for those GPUs, no GPU needed)
 """
 from __future__ import annotations
 
@@ -181,10 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hellm_ds import pipeline
     from hellm_ds.eval import recommend
+    from hellm_ds.kernels import cuda_compile
     from hellm_ds.train import merge
     from hellm_ds.utils import plot
 
-    for module in (recommend, merge, pipeline, plot):
+    for module in (recommend, merge, pipeline, plot, cuda_compile):
         module.add_cli(sub)
     return parser
 
@@ -198,4 +200,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hellm-ds: error: {e}", file=sys.stderr)
         return 2
     _print_json(result)
-    return 0
+    exit_status = getattr(args, "exit_status", None)  # a command whose JSON can report a failure
+    return exit_status(result) if exit_status else 0

@@ -1,6 +1,6 @@
 """Compile every Triton specialisation the graph stage launches for a CUDA GPU, on a machine without one.
 
-    python -m hellm_ds.kernels.cuda_compile --arch 90 [--arch 80] [--cache-dir DIR]
+    hellm-ds cuda-compile --arch 90 [--arch 80] [--cache-dir DIR]  (= python -m hellm_ds.kernels.cuda_compile)
 
 The graph stage's real code paths (U2U / I2I propagation, LightGCN, ``sparse_mm`` with learned values, each
 forward and backward, through both kernel variants, in fp32 / bf16 / fp64 at several feature widths, int32
@@ -28,6 +28,8 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+
+from hellm_ds.errors import UsageError
 
 
 @dataclass
@@ -165,39 +167,65 @@ def exercise_graph_stage(seed: int = 0) -> None:
 
 
 def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
-    os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions, not interpreted ones
-    from hellm_ds.kernels import spmm_triton
+    from triton.runtime.jit import JITFunction
 
-    names = ("_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel")
-    recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in names}
-    for name, rec in recorders.items():
-        setattr(spmm_triton, name, rec)
-    os.environ["TRITON_INTERPRET"] = "1"  # the library then routes CPU tensors to the (intercepted) kernels
+    interpret = os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions
     try:
-        exercise_graph_stage()
+        from hellm_ds.kernels import spmm_triton
+
+        names = ("_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel")
+        if not all(isinstance(getattr(spmm_triton, n), JITFunction) for n in names):
+            raise UsageError("the Triton kernels were imported under TRITON_INTERPRET=1 in this process: "
+                             "run the compile check in a fresh process without it")
+        recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in names}
+        for name, rec in recorders.items():
+            setattr(spmm_triton, name, rec)
+        os.environ["TRITON_INTERPRET"] = "1"  # the library routes CPU tensors to the (intercepted) kernels
+        try:
+            exercise_graph_stage()
+        finally:
+            for name, rec in recorders.items():
+                setattr(spmm_triton, name, rec.fn)
     finally:
         os.environ.pop("TRITON_INTERPRET", None)
-        for name, rec in recorders.items():
-            setattr(spmm_triton, name, rec.fn)
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     return [spec for rec in recorders.values() for spec in rec.compiled.values()]
+
+
+def report(archs: tuple[int, ...], cache_dir: str | None = None) -> dict:
+    """Compile everything for ``archs``; the JSON report (``failed`` counts errors and spilling kernels)."""
+    if cache_dir:
+        os.environ["TRITON_CACHE_DIR"] = cache_dir
+    specs = compile_all(archs)
+    failed = [s for s in specs if s.error or s.spill_bytes != 0]
+    return {"archs": [f"sm_{a}" for a in archs], "specialisations": len(specs), "failed": len(failed),
+            "seconds": round(sum(s.seconds for s in specs), 1), "kernels": [s.summary() for s in specs]}
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", type=int, action="append",
+                   help="CUDA compute capability ×10 (80 = A100, 90 = H100); repeatable; default 90")
+    p.add_argument("--cache-dir",
+                   help="where Triton writes the kernels (default: TRITON_CACHE_DIR or ~/.triton/cache)")
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("cuda-compile", help="compile the Triton kernels for a CUDA GPU without one "
+                       "(pre-flight); exit 1 on a failure or a register spill")
+    _add_arguments(p)
+    p.set_defaults(func=lambda args: report(tuple(args.arch or [90]), args.cache_dir),
+                   exit_status=lambda result: 1 if result["failed"] else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hellm_ds.kernels.cuda_compile",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", type=int, action="append",
-                    help="CUDA compute capability ×10 (80 = A100, 90 = H100); repeatable; default 90")
-    ap.add_argument("--cache-dir",
-                    help="where Triton writes the kernels (default: TRITON_CACHE_DIR or ~/.triton/cache)")
+    _add_arguments(ap)
     args = ap.parse_args(argv)
-    if args.cache_dir:
-        os.environ["TRITON_CACHE_DIR"] = args.cache_dir
-    specs = compile_all(tuple(args.arch or [90]))
-    failed = [s for s in specs if s.error or s.spill_bytes != 0]
-    print(json.dumps({"specialisations": len(specs), "failed": len(failed),
-                      "seconds": round(sum(s.seconds for s in specs), 1),
-                      "kernels": [s.summary() for s in specs]}, indent=1))
-    return 1 if failed else 0
+    result = report(tuple(args.arch or [90]), args.cache_dir)
+    print(json.dumps(result, indent=1))
+    return 1 if result["failed"] else 0
 
 
 if __name__ == "__main__":

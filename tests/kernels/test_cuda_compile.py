@@ -22,13 +22,14 @@ def _ptxas_available() -> bool:
 @pytest.mark.skipif(not _ptxas_available(), reason="triton's CUDA backend (bundled ptxas) not installed")
 def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real JITFunctions in the child
-    cmd = [sys.executable, "-m", "hellm_ds.kernels.cuda_compile", "--arch", "80", "--arch", "90",
+    cmd = [sys.executable, "-m", "hellm_ds", "cuda-compile", "--arch", "80", "--arch", "90",
            "--cache-dir", str(tmp_path / "cache")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = json.loads(proc.stdout)
     errors = [k for k in report["kernels"] if "error" in k or k["spill_bytes"] != 0]
     assert proc.returncode == 0 and not errors, (errors or proc.stderr[-3000:])
     kernels = report["kernels"]
+    assert report["archs"] == ["sm_80", "sm_90"] and report["failed"] == 0
     assert {k["arch"] for k in kernels} == {"sm_80", "sm_90"}
     assert {k["kernel"] for k in kernels} == {"_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel"}
     # the paths that were exercised: every dtype and width, both index widths, all epilogue flags
@@ -44,3 +45,22 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     assert aligned and all(k["global_loads"].get("ld.global.v4.b32", 0) >= 4 for k in aligned), aligned
     assert all(0 < k["registers"] <= 128 for k in kernels)  # ≥ 4 programs of 4 warps resident per SM
     assert {k["kernel"] for k in aligned} == {"_spmm_kernel", "_spmm_tile_kernel"}
+
+
+def test_refused_in_a_process_that_interprets_the_kernels():
+    """Under TRITON_INTERPRET=1 (this test process on a CPU machine) the kernels are not compilable objects:
+    one clear error instead of an obscure failure per launch."""
+    import importlib
+
+    from hellm_ds.errors import UsageError
+    from hellm_ds.kernels import cuda_compile
+
+    spmm_triton = importlib.import_module("hellm_ds.kernels.spmm_triton")
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(spmm_triton._spmm_kernel, JITFunction):
+        pytest.skip("kernels are compiled JITFunctions in this process (no TRITON_INTERPRET)")
+    before = os.environ.get("TRITON_INTERPRET")
+    with pytest.raises(UsageError, match="fresh process"):
+        cuda_compile.report((90,))
+    assert os.environ.get("TRITON_INTERPRET") == before  # the caller's setting is restored
