@@ -77,6 +77,19 @@ def _epilogue(acc, row, offs_d, mask_d, out_ptr, stride_out, row_scale_ptr, diag
 
 
 @triton.jit
+def _segment_partial(seg, seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p, indices_ptr, values_ptr,
+                     col_scale_ptr, x_ptr, stride_x, offs_d, mask_d, HAS_VALUES: tl.constexpr,
+                     HAS_COL_SCALE: tl.constexpr, BLOCK_NNZ: tl.constexpr, BLOCK_D: tl.constexpr,
+                     ACC: tl.constexpr):
+    """One segment of a hub row: its partial sum, reduced in order by ``_hub_reduce_kernel``."""
+    lo = tl.load(seg_lo_ptr + seg).to(tl.int64)
+    hi = tl.load(seg_hi_ptr + seg).to(tl.int64)
+    acc = _row_dot(lo, hi, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d,
+                   HAS_VALUES, HAS_COL_SCALE, BLOCK_NNZ, BLOCK_D, ACC)
+    tl.store(partial_ptr + seg * stride_p + offs_d, acc, mask=mask_d)
+
+
+@triton.jit
 def _spmm_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x,
                  out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr, stride_z, sum_ptr, stride_sum,
                  seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p,
@@ -99,12 +112,9 @@ def _spmm_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stri
                     _epilogue(acc, row, offs_d, mask_d, out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr,
                               stride_z, sum_ptr, stride_sum, HAS_ROW_SCALE, HAS_DIAG, HAS_SUM, ACC)
     else:
-        s = pid - n_groups
-        lo = tl.load(seg_lo_ptr + s).to(tl.int64)
-        hi = tl.load(seg_hi_ptr + s).to(tl.int64)
-        acc = _row_dot(lo, hi, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d,
-                       HAS_VALUES, HAS_COL_SCALE, BLOCK_NNZ, BLOCK_D, ACC)
-        tl.store(partial_ptr + s * stride_p + offs_d, acc, mask=mask_d)
+        _segment_partial(pid - n_groups, seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p, indices_ptr,
+                         values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d, HAS_VALUES,
+                         HAS_COL_SCALE, BLOCK_NNZ, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -151,13 +161,10 @@ def _spmm_tile_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr,
             s_ptrs = sum_ptr + rows[:, None] * stride_sum + offs_d[None, :]
             total = tl.load(s_ptrs, mask=m2, other=0.0).to(ACC)
             tl.store(s_ptrs, (total + acc).to(sum_ptr.dtype.element_ty), mask=m2)
-    else:  # (names differ from the branch above: compiled Triton needs one type per name across branches)
-        seg = pid - n_groups
-        seg_lo = tl.load(seg_lo_ptr + seg).to(tl.int64)
-        seg_hi = tl.load(seg_hi_ptr + seg).to(tl.int64)
-        part = _row_dot(seg_lo, seg_hi, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d,
-                        HAS_VALUES, HAS_COL_SCALE, SEG_NNZ, BLOCK_D, ACC)
-        tl.store(partial_ptr + seg * stride_p + offs_d, part, mask=mask_d)
+    else:
+        _segment_partial(pid - n_groups, seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p, indices_ptr,
+                         values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d, HAS_VALUES,
+                         HAS_COL_SCALE, SEG_NNZ, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -263,8 +270,8 @@ def spmm_triton(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=No
                  ACC=acc)
     args = (A.indptr, A.indices, A.values if A.values is not None else dummy,
             col_scale if col_scale is not None else dummy, X, X.stride(0),
-            out, out.stride(0), row_scale if row_scale is not None else dummy, diag if diag is not None else dummy,
-            zt, zt.stride(0), st, st.stride(0),
+            out, out.stride(0), row_scale if row_scale is not None else dummy,
+            diag if diag is not None else dummy, zt, zt.stride(0), st, st.stride(0),
             plan.seg_lo, plan.seg_hi, partial, partial.stride(0))
     if variant == "rows":
         grid = (plan.n_groups + plan.n_segments, triton.cdiv(D, BLOCK_D))
