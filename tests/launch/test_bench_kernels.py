@@ -114,6 +114,8 @@ def test_main_triton_interpreted(bench, tmp_path):
                 "--warmup", "0", "--triton-interpret", "--quiet", "--out", str(out)])
     doc = json.loads(out.read_text())
     assert doc["project_backend"] == "triton"
-    proj = [r for r in doc["results"] if r["params"]["method"] == "project[triton]"]
-    assert {r["params"]["case"] for r in proj} == {"spmm", "u2u"}
-    assert all(r["status"] == "ok" and r["metrics"]["correct"] for r in proj), proj
+    for variant in ("project[triton]", "project[triton_tile]"):  # both variants timed, both in the summary
+        proj = [r for r in doc["results"] if r["params"]["method"] == variant]
+        assert {r["params"]["case"] for r in proj} == {"spmm", "u2u"}
+        assert all(r["status"] == "ok" and r["metrics"]["correct"] for r in proj), proj
+        assert any(s["what"].startswith(variant) or variant in s["what"] for s in doc["summary"])
