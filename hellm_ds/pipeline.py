@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 from hellm_ds.errors import UsageError
 from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.io import write_json_atomic
+from hellm_ds.utils.net import free_port
 
 STAGES = ("popularity", "graphs", "graph", "sasrec", "finetune", "evaluate")
 UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": ("finetune",)}
@@ -310,11 +310,8 @@ def launch_finetune(argv: list[str], ranks: int, log_path: Path) -> None:
     if ranks == 1:
         cmd = [sys.executable, "-m", "hellm_ds.train", *argv]
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(port), "--module", "hellm_ds.train", *argv]
+               str(free_port()), "--module", "hellm_ds.train", *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     _say("launch: " + " ".join(cmd[1:4] + ["…"]) + f" ({ranks} rank{'s' if ranks > 1 else ''}, "
          f"{'GPU' if cuda else 'CPU'}; log {log_path})")

@@ -65,6 +65,19 @@ class Recorder:
     fn: object  # the JITFunction
     archs: tuple[int, ...]
     compiled: dict = field(default_factory=dict)
+    binders: dict = field(default_factory=dict)  # arch → (target, backend, binder), built once
+
+    def binder(self, arch: int):
+        if arch not in self.binders:
+            from triton.backends.compiler import GPUTarget
+            from triton.compiler import make_backend
+            from triton.runtime.jit import create_function_from_signature
+
+            target = GPUTarget("cuda", arch, 32)
+            backend = make_backend(target)
+            self.binders[arch] = target, backend, create_function_from_signature(self.fn.signature,
+                                                                                  self.fn.params, backend)
+        return self.binders[arch]
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.launch(args, kwargs)
@@ -72,9 +85,6 @@ class Recorder:
     def launch(self, args, kwargs):
         import triton
         from triton import knobs
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
-        from triton.runtime.jit import create_function_from_signature
 
         # the options a GPU launch adds before binding (JITFunction.run), so the specialisation is the same
         kwargs = dict(kwargs, debug=kwargs.get("debug", self.fn.debug) or knobs.runtime.debug)
@@ -82,9 +92,7 @@ class Recorder:
             if hasattr(knobs.compilation, option):
                 kwargs[option] = getattr(knobs.compilation, option)
         for arch in self.archs:
-            target = GPUTarget("cuda", arch, 32)
-            backend = make_backend(target)
-            binder = create_function_from_signature(self.fn.signature, self.fn.params, backend)
+            target, backend, binder = self.binder(arch)
             bound, specialization, options = binder(*args, **kwargs)
             key = (arch, repr(specialization), repr(options))
             if key in self.compiled:

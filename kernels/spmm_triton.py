@@ -64,6 +64,8 @@ def _row_dot(lo, hi, indices_ptr, values_ptr, col_scale_ptr, x_ptr, stride_x, of
 def _epilogue(acc, row, offs_d, mask_d, out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr, stride_z,
               sum_ptr, stride_sum, HAS_ROW_SCALE: tl.constexpr, HAS_DIAG: tl.constexpr, HAS_SUM: tl.constexpr,
               ACC: tl.constexpr):
+    """One row (``row`` a scalar, ``acc``/``offs_d``/``mask_d`` [BLOCK_D]) or a tile of rows (``row``
+    [GROUP, 1] valid indices, ``offs_d`` [1, BLOCK_D], ``acc``/``mask_d`` [GROUP, BLOCK_D])."""
     if HAS_ROW_SCALE:
         acc = acc * tl.load(row_scale_ptr + row).to(ACC)
     if HAS_DIAG:
@@ -149,18 +151,10 @@ def _spmm_tile_kernel(indptr_ptr, indices_ptr, values_ptr, col_scale_ptr, x_ptr,
             if HAS_COL_SCALE:
                 xt = xt * tl.load(col_scale_ptr + col, mask=m, other=0.0).to(ACC)[:, :, None]
             acc += tl.sum(xt, axis=1)
-        if HAS_ROW_SCALE:
-            acc = acc * tl.load(row_scale_ptr + rows, mask=live, other=0.0).to(ACC)[:, None]
-        m2 = live[:, None] & mask_d[None, :]
-        if HAS_DIAG:
-            z = tl.load(z_ptr + rows[:, None] * stride_z + offs_d[None, :], mask=m2, other=0.0).to(ACC)
-            acc = acc - tl.load(diag_ptr + rows, mask=live, other=0.0).to(ACC)[:, None] * z
-        tl.store(out_ptr + rows[:, None] * stride_out + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
-                 mask=m2)
-        if HAS_SUM:
-            s_ptrs = sum_ptr + rows[:, None] * stride_sum + offs_d[None, :]
-            total = tl.load(s_ptrs, mask=m2, other=0.0).to(ACC)
-            tl.store(s_ptrs, (total + acc).to(sum_ptr.dtype.element_ty), mask=m2)
+        # rows past the end and hub rows are not stored here; clamped indices keep their loads in bounds
+        _epilogue(acc, tl.where(live, rows, 0)[:, None], offs_d[None, :], live[:, None] & mask_d[None, :],
+                  out_ptr, stride_out, row_scale_ptr, diag_ptr, z_ptr, stride_z, sum_ptr, stride_sum,
+                  HAS_ROW_SCALE, HAS_DIAG, HAS_SUM, ACC)
     else:
         _segment_partial(pid - n_groups, seg_lo_ptr, seg_hi_ptr, partial_ptr, stride_p, indices_ptr,
                          values_ptr, col_scale_ptr, x_ptr, stride_x, offs_d, mask_d, HAS_VALUES,

@@ -74,7 +74,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -87,6 +86,7 @@ import torch.nn.functional as F
 from hellm_ds.errors import UsageError
 from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.io import write_json_atomic
+from hellm_ds.utils.net import free_port
 
 ADAPTER_NAME = "hellm_adapter.safetensors"
 ADAPTER_CONFIG = "hellm_adapter.json"
@@ -187,12 +187,6 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: i
 
 
 # ---- distributed set-up ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int, torch.device]:
     """``(rank, world, device)``; creates the process group (a world of one when RANK/WORLD_SIZE are
     unset)."""
@@ -202,7 +196,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()

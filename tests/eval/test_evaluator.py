@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from hellm_ds.data.dataset import load_dataset
 from hellm_ds.eval.evaluator import evaluate, evaluate_splits
-from tests.train.common import free_port
+from hellm_ds.utils.net import free_port
 
 
 def _model(ds, d=8, seed=0):

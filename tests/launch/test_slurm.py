@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from hellm_ds.train.finetune import ADAPTER_NAME, RESULTS_NAME
-from tests.train.common import FAST, free_port, log
+from hellm_ds.utils.net import free_port
+from tests.train.common import FAST, log
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM = ROOT / "launch" / "slurm"

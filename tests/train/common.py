@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from hellm_ds.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / "launch" / "finetune.py"
 ZERO2, ZERO3 = ROOT / "ds_configs" / "zero2.json", ROOT / "ds_configs" / "zero3.json"
 FAST = ["--model", "tiny", "--prefix-len", "3", "--lora-r", "4", "--micro-batch-size", "8", "--max-len", "10",
         "--no-progress", "--eval-batch-size", "200"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env() -> dict:

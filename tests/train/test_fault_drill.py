@@ -22,7 +22,8 @@ import torch
 
 from hellm_ds.train.finetune import ADAPTER_NAME, BASE_NAME, CKPT_DIR, RESULTS_NAME, _tag_order, read_latest
 
-from tests.train.common import FAST, LAUNCH, ROOT, ZERO3, free_port, launcher_env, log
+from hellm_ds.utils.net import free_port
+from tests.train.common import FAST, LAUNCH, ROOT, ZERO3, launcher_env, log
 
 pytestmark = pytest.mark.slow
 
