@@ -14,10 +14,11 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # the top-level kernels/ folder is the hellm_ds.kernels package (a bare `kernels` would clash on import);
-    # ds_configs/*.json travel as data of hellm_ds.ds_configs, found by hellm_ds.utils.ds_configs
-    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]) + ["hellm_ds.kernels", "hellm_ds.ds_configs"],
-    package_dir={"hellm_ds.kernels": "kernels", "hellm_ds.ds_configs": "ds_configs"},
+    # kernels/ is the source root of the kernel package `hellm_kernels` (kernels/hellm_kernels/): the folder
+    # itself is no package, so it never shadows an installed distribution named `kernels` (Hugging Face's, which
+    # transformers imports). ds_configs/*.json travel as data of hellm_ds.ds_configs (hellm_ds.utils.ds_configs).
+    packages=find_packages(include=["hellm_ds", "hellm_ds.*"]) + ["hellm_kernels", "hellm_ds.ds_configs"],
+    package_dir={"hellm_kernels": "kernels/hellm_kernels", "hellm_ds.ds_configs": "ds_configs"},
     package_data={"hellm_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch>=2.3",

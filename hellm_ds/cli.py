@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hellm_ds import pipeline
     from hellm_ds.eval import recommend
-    from hellm_ds.kernels import cuda_compile
+    from hellm_kernels import cuda_compile
     from hellm_ds.train import merge
     from hellm_ds.utils import plot
 

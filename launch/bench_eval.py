@@ -80,8 +80,8 @@ import torch
 
 try:
     from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+except ImportError:  # a checkout that is neither installed nor on PYTHONPATH (kernels/: hellm_kernels' root)
+    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
     from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
 
 from hellm_ds.data.batching import NextItemExamples

@@ -91,20 +91,16 @@ TARGET_U2U_OVER_SPMM = 2.0
 @functools.cache
 def project() -> types.SimpleNamespace:
     """The project's API, importable from an installed package or from a plain checkout on PYTHONPATH."""
-    try:
-        import hellm_ds
-    except ImportError:
-        sys.path.insert(0, str(REPO_ROOT))
-        import hellm_ds
-    if importlib.util.find_spec("hellm_ds.kernels") is None:
-        # not installed: setup.py maps the top-level kernels/ folder to hellm_ds.kernels; do the same here
-        hellm_ds.__path__.append(str(REPO_ROOT))
+    # a plain checkout: the repository root holds hellm_ds/, kernels/ is the kernel package's source root
+    for name, root in (("hellm_ds", REPO_ROOT), ("hellm_kernels", REPO_ROOT / "kernels")):
+        if importlib.util.find_spec(name) is None:
+            sys.path.append(str(root))
     from hellm_ds.data.dataset import load_dataset
     from hellm_ds.graph.build import GraphConfig, build_graphs
     from hellm_ds.graph.csr import CSR, index_dtype
     from hellm_ds.graph.operators import item_hypergraph, user_hypergraph
-    from hellm_ds.kernels.autograd import propagate
-    from hellm_ds.kernels.spmm import spmm, torch_sparse_available, triton_available, triton_interpreted
+    from hellm_kernels.autograd import propagate
+    from hellm_kernels.spmm import spmm, torch_sparse_available, triton_available, triton_interpreted
 
     return types.SimpleNamespace(
         load_dataset=load_dataset, GraphConfig=GraphConfig, build_graphs=build_graphs, CSR=CSR,

@@ -33,11 +33,11 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 else
   echo "!! no .whl/ carried: bench_finetune runs without DeepSpeed (see the header)" >&2
 fi
-# the project itself, laid out as setup.py installs it (kernels/ → hellm_ds.kernels, ds_configs/ → package
-# data) without needing setuptools on the image; tests/ and launch/ are used from the checkout
-cp -r hellm_ds "$site/" && cp -r kernels "$site/hellm_ds/kernels" && cp -r ds_configs "$site/hellm_ds/ds_configs"
+# the project itself, laid out as setup.py installs it (kernels/hellm_kernels → hellm_kernels, ds_configs/ →
+# package data) without needing setuptools on the image; tests/ and launch/ are used from the checkout
+cp -r hellm_ds "$site/" && cp -r kernels/hellm_kernels "$site/" && cp -r ds_configs "$site/hellm_ds/ds_configs"
 export PYTHONPATH="$site:$PWD"
-python3 -c "import torch, triton, hellm_ds.kernels as k; print('torch', torch.__version__, 'triton', triton.__version__, k.__file__)" \
+python3 -c "import torch, triton, hellm_kernels as k; print('torch', torch.__version__, 'triton', triton.__version__, k.__file__)" \
   > "$out/versions.txt" 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$out/versions.txt" 2>&1
 cat "$out/versions.txt" >&2

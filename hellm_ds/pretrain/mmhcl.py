@@ -9,7 +9,7 @@ Four ID tables E_u^ui, E_i^ui, E_u^h, E_i^h (Xavier init). Per step, over the wh
     loss = BPR(u, i⁺, i⁻) + λ_reg (‖u‖² + ‖i⁺‖² + ‖i⁻‖²) / (2·batch)
            + λ_i · InfoNCE(i, i_h) + λ_u · InfoNCE(u, u_h)
 
-Propagation goes through ``hellm_ds.kernels`` (Triton on GPU, torch CSR on CPU; backward via the stored
+Propagation goes through ``hellm_kernels`` (Triton on GPU, torch CSR on CPU; backward via the stored
 transposes). Without item modalities there is no item hypergraph: i = i_ui and the item InfoNCE is dropped.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hellm_ds.graph.build import Graphs
-from hellm_ds.kernels import lightgcn_propagate, propagate
+from hellm_kernels import lightgcn_propagate, propagate
 from hellm_ds.pretrain.contrastive import info_nce_batch, info_nce_full
 
 CONTRASTS = ("full", "batch")

@@ -32,7 +32,7 @@ from hellm_ds.data.dataset import Dataset, load_dataset
 from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate_splits
 from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
-from hellm_ds.kernels.spmm import BACKENDS
+from hellm_kernels.spmm import BACKENDS
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
 from hellm_ds.utils.device import resolve_device

@@ -30,7 +30,7 @@ def test_cache_roundtrip_and_key(synth_dir, tmp_path):
     for a, b in ((g.R, g2.R), (g.RT, g2.RT), (g.H, g2.H), (g.HT, g2.HT)):
         assert torch.equal(a.indptr, b.indptr) and torch.equal(a.indices, b.indices) and a.shape == b.shape
     X = torch.randn(ds.n_users, 8)
-    from hellm_ds.kernels import propagate
+    from hellm_kernels import propagate
 
     assert torch.equal(propagate(g.u2u(), X, 2, backend="torch"), propagate(g2.u2u(), X, 2, backend="torch"))
     load_or_build(ds, GraphConfig(knn_k=5, modalities=("image",)), tmp_path)

@@ -8,7 +8,7 @@ import torch
 
 from hellm_ds.graph.csr import CSR
 from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
-from hellm_ds.kernels import propagate
+from hellm_kernels import propagate
 from tests.conftest import random_csr
 
 
@@ -75,7 +75,7 @@ def test_no_quadratic_intermediate(tmp_path):
         import resource, torch, numpy as np
         from hellm_ds.graph.csr import CSR
         from hellm_ds.graph.operators import user_hypergraph, item_hypergraph
-        from hellm_ds.kernels import propagate
+        from hellm_kernels import propagate
         U, I, nnz = 60_000, 30_000, 600_000
         rng = np.random.default_rng(0)
         key = np.unique(rng.integers(0, U, nnz) * I + (rng.zipf(1.5, nnz) % I))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
-from hellm_ds.kernels import lightgcn_propagate, propagate, sparse_mm
-from hellm_ds.kernels import torch_sparse_available
+from hellm_kernels import lightgcn_propagate, propagate, sparse_mm
+from hellm_kernels import torch_sparse_available
 from tests.conftest import DEVICE, random_csr
 
 BACKENDS = ["torch", "triton", "triton_tile", pytest.param("torch_sparse", marks=pytest.mark.skipif(
@@ -14,7 +14,7 @@ BACKENDS = ["torch", "triton", "triton_tile", pytest.param("torch_sparse", marks
 
 def _triton_small(*mats):
     """The matrices on DEVICE, with small launch plans (hub segments on tiny graphs)."""
-    from hellm_ds.kernels.spmm_triton import make_plan
+    from hellm_kernels.spmm_triton import make_plan
 
     mats = [A.to(DEVICE) for A in mats]
     for A in mats:

@@ -53,9 +53,9 @@ def test_refused_in_a_process_that_interprets_the_kernels():
     import importlib
 
     from hellm_ds.errors import UsageError
-    from hellm_ds.kernels import cuda_compile
+    from hellm_kernels import cuda_compile
 
-    spmm_triton = importlib.import_module("hellm_ds.kernels.spmm_triton")
+    spmm_triton = importlib.import_module("hellm_kernels.spmm_triton")
     from triton.runtime.jit import JITFunction
 
     if isinstance(spmm_triton._spmm_kernel, JITFunction):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from hellm_ds.graph.csr import CSR
-from hellm_ds.kernels.spmm import spmm, torch_sparse_available
+from hellm_kernels.spmm import spmm, torch_sparse_available
 from tests.conftest import DEVICE, random_csr
 
 triton = pytest.importorskip("triton")
-from hellm_ds.kernels.spmm_triton import make_plan  # noqa: E402
+from hellm_kernels.spmm_triton import make_plan  # noqa: E402
 
 SPMM_BACKENDS = ("triton", "triton_tile", "torch") + (("torch_sparse",) if torch_sparse_available() else ())
 
@@ -96,7 +96,7 @@ def test_bit_deterministic_across_runs(backend):
 def test_tile_variant_rows_of_every_length_in_one_group():
     """The tile variant's chunks run to the group's longest row: mixed lengths (0 … > BLOCK_NNZ, a hub)
     in the same group, and more rows than one group."""
-    from hellm_ds.kernels.spmm_triton import tile_shape
+    from hellm_kernels.spmm_triton import tile_shape
 
     group, block_nnz = tile_shape(64)
     lengths = [0, 1, 3 * block_nnz + 5, block_nnz, 2, 40, 0, block_nnz + 1] * 3
@@ -132,7 +132,7 @@ def test_torch_backend_larger_graph_and_bf16():
 
 
 def test_unknown_backend_and_unavailable_torch_sparse():
-    from hellm_ds.kernels.spmm import torch_sparse_available
+    from hellm_kernels.spmm import torch_sparse_available
 
     A, _ = random_csr(4, 4, 0.5, seed=0)
     with pytest.raises(ValueError, match="unknown SpMM backend"):

@@ -126,7 +126,7 @@ def spmm(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=None, Z=N
         raise ValueError("diag and Z go together")
     b = resolve_backend(backend, X)
     if b in ("triton", "triton_tile"):
-        from hellm_ds.kernels.spmm_triton import spmm_triton
+        from hellm_kernels.spmm_triton import spmm_triton
 
         return spmm_triton(A, X, row_scale, col_scale, diag, Z, layer_sum, out,
                            variant="tile" if b == "triton_tile" else "rows")

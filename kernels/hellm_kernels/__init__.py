@@ -1,4 +1,4 @@
-"""Sparse hypergraph-convolution kernels (installed as ``hellm_ds.kernels``).
+"""Sparse hypergraph-convolution kernels (installed as ``hellm_kernels``).
 
 Public functions (all differentiable, backward through stored transposes, deterministic):
     sparse_mm(A, X, ...)                  Y = rs ⊙ A (cs ⊙ X)
@@ -6,8 +6,8 @@ Public functions (all differentiable, backward through stored transposes, determ
     lightgcn_propagate(op, Eu, Ei, L)     LightGCN layer mean over Â
 Each takes ``backend="auto" | "triton" | "triton_tile" | "torch" | "torch_sparse"``.
 """
-from hellm_ds.kernels.autograd import COMBINES, lightgcn_propagate, propagate, sddmm, sparse_mm
-from hellm_ds.kernels.spmm import BACKENDS, resolve_backend, spmm, torch_sparse_available, triton_available
+from hellm_kernels.autograd import COMBINES, lightgcn_propagate, propagate, sddmm, sparse_mm
+from hellm_kernels.spmm import BACKENDS, resolve_backend, spmm, torch_sparse_available, triton_available
 
 __all__ = [
     "BACKENDS", "COMBINES", "lightgcn_propagate", "propagate", "resolve_backend", "sddmm", "sparse_mm", "spmm",

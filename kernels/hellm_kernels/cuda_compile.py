@@ -1,6 +1,6 @@
 """Compile every Triton specialisation the graph stage launches for a CUDA GPU, on a machine without one.
 
-    hellm-ds cuda-compile --arch 90 [--arch 80] [--cache-dir DIR]  (= python -m hellm_ds.kernels.cuda_compile)
+    hellm-ds cuda-compile --arch 90 [--arch 80] [--cache-dir DIR]  (= python -m hellm_kernels.cuda_compile)
 
 The graph stage's real code paths (U2U / I2I propagation, LightGCN, ``sparse_mm`` with learned values, each
 forward and backward, through both kernel variants, in fp32 / bf16 / fp64 at several feature widths, int32
@@ -137,8 +137,8 @@ def exercise_graph_stage(seed: int = 0) -> None:
 
     from hellm_ds.graph.csr import CSR
     from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
-    from hellm_ds.kernels.autograd import lightgcn_propagate, propagate, sparse_mm
-    from hellm_ds.kernels.spmm_triton import make_plan
+    from hellm_kernels.autograd import lightgcn_propagate, propagate, sparse_mm
+    from hellm_kernels.spmm_triton import make_plan
 
     rng = np.random.default_rng(seed)
     n_users, n_items = 70, 40
@@ -179,7 +179,7 @@ def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
 
     interpret = os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be real JITFunctions
     try:
-        from hellm_ds.kernels import spmm_triton
+        from hellm_kernels import spmm_triton
 
         names = ("_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel")
         if not all(isinstance(getattr(spmm_triton, n), JITFunction) for n in names):
@@ -227,7 +227,7 @@ def add_cli(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hellm_ds.kernels.cuda_compile",
+    ap = argparse.ArgumentParser(prog="python -m hellm_kernels.cuda_compile",
                                  description=__doc__.split("\n")[0])
     _add_arguments(ap)
     args = ap.parse_args(argv)

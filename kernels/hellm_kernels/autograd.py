@@ -17,7 +17,7 @@ import torch
 
 from hellm_ds.graph.csr import CSR
 from hellm_ds.graph.operators import BipartiteOperator, TwoStageOperator
-from hellm_ds.kernels.spmm import spmm
+from hellm_kernels.spmm import spmm
 
 COMBINES = ("last", "sum", "mean")
 
