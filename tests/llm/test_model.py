@@ -190,7 +190,17 @@ def test_loss_falls_and_evaluator_ranks_with_the_head(synth):
     m.eval()
     kw = dict(protocols=("paper", "filtered"), batch_size=128, progress=False)
     W, bias = m.item_scoring()
-    torch.testing.assert_close(W, m.head.weight)
+    # the linear head's scores, computed from the model's parts: u · Wᵀ + b must be forward's logits
+    with torch.no_grad():
+        logits, u = m(b), m.user_vectors(b)
+    assert W.shape == (m.n_items + 1, m.hidden_size) and bias.shape == (m.n_items + 1,)
+    assert W.dtype == bias.dtype == torch.float32 and not W.requires_grad and not bias.requires_grad
+    torch.testing.assert_close((u @ W.T + bias)[:, 1:], logits[:, 1:], rtol=0, atol=1e-5)
+    with torch.no_grad():  # detached copies: changing them leaves the model's scores alone
+        W.add_(1.0)
+        bias.add_(1.0)
+        torch.testing.assert_close(m(b), logits, rtol=0, atol=0)
+    W, bias = m.item_scoring()
     via_head = evaluate(synth, "valid", m.user_vectors, item_vectors=W, item_bias=bias, **kw)
     via_logits = evaluate(synth, "valid", m, **kw)
     for protocol in via_head:

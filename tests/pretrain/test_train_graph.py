@@ -1,5 +1,6 @@
 """Graph pre-training recipe: beats popularity on planted data, export round trip, exact resume."""
 import json
+import math
 import shutil
 
 import pytest
@@ -119,7 +120,23 @@ def test_full_node_contrast_runs_and_differs(synth_dir, tmp_path):
         res[mode] = train_graph(ds, cfg, tmp_path / mode, progress=False)
     logs = {m: [r for r in read_log(tmp_path / m / "log.jsonl") if r["event"] == "epoch"][0] for m in res}
     assert logs["full"]["cl_user"] != logs["batch"]["cl_user"]
-    assert json.dumps(res["full"]["test"])  # evaluates and exports
+    # evaluates: both protocols' test metrics, finite rates in [0, 1], printable as strict JSON
+    test = res["full"]["test"]
+    assert set(test) == {"paper", "filtered"}
+    for protocol in ("paper", "filtered"):
+        for name in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20", "MRR@10"):
+            value = test[protocol][name]
+            assert math.isfinite(value) and 0.0 <= value <= 1.0, (protocol, name, value)
+    assert json.loads(json.dumps(test, allow_nan=False)) == test
+    # exports: the full-contrast run's own file, whose vectors reproduce the reported test metrics
+    t, meta = load_tensors(tmp_path / "full" / EXPORT_NAME,
+                           {"user": (ds.n_users + 1, 16), "item": (ds.n_items + 1, 16)})
+    assert meta["config"]["model"]["contrast"] == "full" and meta["result"]["test"] == test
+    from hellm_ds.eval.evaluator import evaluate
+
+    again = evaluate(ds, "test", lambda b: t["user"][b["users"] + 1], item_vectors=t["item"], progress=False)
+    for protocol in ("paper", "filtered"):
+        assert again[protocol]["NDCG@10"] == pytest.approx(test[protocol]["NDCG@10"], abs=1e-6), protocol
 
 
 def test_cli_pretrain_graph(synth_dir, tmp_path):
