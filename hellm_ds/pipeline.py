@@ -2,7 +2,8 @@
 fine-tuning on every available rank → evaluation of the exported model.
 
     hellm-ds pipeline --data DIR --out OUT [--model tiny|small|PATH] [--deepspeed-config ds_configs/zero3.json]
-                      [--ranks N] [--graph-time-budget S] [--seq-time-budget S] [--ft-epochs N] [--redo STAGE]
+                      [--ranks N] [--budget-minutes M] [--graph-time-budget S] [--seq-time-budget S]
+                      [--ft-epochs N] [--ft-steps-per-epoch N] [--redo STAGE]
 
 Stages and where they write (each is a directory of OUT with a ``stage.json`` written last):
 
@@ -19,6 +20,23 @@ A stage is skipped when its ``stage.json`` records the same inputs: the dataset'
 configuration and the SHA-256 of the upstream files it reads. A stage whose inputs changed is refused (its
 results would silently mix two configurations) until ``--redo STAGE`` clears it and everything downstream. A
 stage interrupted before its ``stage.json`` is resumed from its own checkpoint (graph, sasrec, finetune).
+
+Run length (``hellm_ds.plan``). Without GPUs, and when none of --graph-epochs, --graph-time-budget,
+--seq-epochs, --seq-time-budget, --ft-epochs, --ft-steps-per-epoch is given, the run fits a 60-minute budget
+(``--budget-minutes M`` sets another, on any machine; ``--budget-minutes 0`` none): after the popularity and
+graphs stages, a few steps of graph pre-training, SASRec and fine-tuning are timed on the real data (7–8 s
+on Toys), and the stages get a time budget (graph, SASRec) and epochs × steps per epoch (fine-tuning) that
+fit; graph pre-training, SASRec and evaluation run on one CPU thread when other processes keep the cores
+busy. A table of the plan (stage, what, estimated minutes) goes to stderr first, and the result JSON's
+``"plan"`` holds each stage's estimate next to its measured seconds. Settings given explicitly are kept. The
+plan is recorded in ``OUT/plan.json`` and reused by a rerun with the same plan inputs, so the stages' keys
+stay the same and a finished pipeline is skipped. On Toys (19k users, 12k items, 168k interactions) on the
+2-core development CPU under load ≈2 this came to ≈17 min of graph pre-training (≈21 epochs), 12 of SASRec
+(≈28 epochs) and 30 of fine-tuning (2 epochs × ≈3,900 steps of 2 × 8 samples); every figure depends on the
+machine and its load, and fine-tuning (no time budget, a fixed number of steps) runs longer when the machine
+gets busier than it was while the plan was timed. With GPUs, or with any of the settings above, the epoch
+defaults apply: graph pre-training and SASRec up to 200 epochs with early stopping, fine-tuning 20 epochs of
+the whole data.
 
 Defaults: a config-built backbone (``tiny``, ``small``) has no pre-trained weights, so it trains with scope
 ``full`` and the tied item head; a local checkpoint uses METHOD's ``lora`` scope and linear head
@@ -47,36 +65,54 @@ UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": (
 STAMP = "stage.json"
 
 
+def _opt(default, text: str):
+    """A field whose ``--flag`` (made by ``add_cli``) has help ``text``."""
+    return field(default=default, metadata={"help": text})
+
+
 @dataclass
 class PipelineConfig:
     data: str
     out: str
-    model: str = "tiny"
-    deepspeed_config: str = "ds_configs/zero3.json"
-    ranks: int | None = None  # None: every GPU, or 2 CPU ranks without GPUs
-    max_len: int = 50
-    seed: int = 0
+    model: str = _opt("tiny", "tiny|small|llama-7b-shape or a local HF checkpoint directory")
+    deepspeed_config: str = _opt("ds_configs/zero3.json", "DeepSpeed JSON config of the fine-tuning stage")
+    ranks: int | None = _opt(None, "fine-tuning ranks (default: every GPU, or 2 CPU ranks without GPUs; "
+                                   "1: one plain process)")
+    max_len: int = _opt(50, "keep each user's last N items")
+    seed: int = _opt(0, "random seed of every stage")
     # graphs + graph pre-training
-    knn_k: int = 10
-    graph_preset: str | None = None
-    graph_epochs: int = 200
-    graph_eval_every: int = 5
-    graph_batch_size: int = 1024
-    graph_time_budget: float | None = None
+    knn_k: int = _opt(10, "kNN hyperedge size per item and modality (self included)")
+    graph_preset: str | None = _opt(None, "the authors' tuned MMHCL hyper-parameters for a dataset "
+                                          "(default: hellm_ds's)")
+    graph_epochs: int | None = _opt(None, "graph pre-training: maximum epochs (default: 200)")
+    graph_eval_every: int = _opt(5, "graph pre-training: validate every N epochs")
+    graph_batch_size: int = _opt(1024, "graph pre-training: (user, positive, negative) triples per step")
+    graph_time_budget: float | None = _opt(None, "graph pre-training: seconds (default: the plan's with a "
+                                                 "budget, else no limit)")
     # SASRec
-    seq_epochs: int = 200
-    seq_eval_every: int = 1
-    seq_time_budget: float | None = None
+    seq_epochs: int | None = _opt(None, "SASRec: maximum epochs (default: 200)")
+    seq_eval_every: int = _opt(1, "SASRec: validate every N epochs")
+    seq_time_budget: float | None = _opt(None, "SASRec: seconds (default: the plan's with a budget, else no "
+                                               "limit)")
     # fine-tuning (the rest are FinetuneConfig's defaults)
-    ft_epochs: int = 20
-    ft_lr: float = 3e-4
-    ft_micro_batch: int | None = None
-    ft_steps_per_epoch: int | None = None
-    ft_patience: int = 5
-    trainable_scope: str = "auto"  # auto: full for config-built sizes, lora for a checkpoint
-    item_head: str = "auto"  # auto: tied for config-built sizes, linear for a checkpoint
+    ft_epochs: int | None = _opt(None, "fine-tuning epochs (default: the plan's with a budget, else 20)")
+    ft_lr: float = _opt(3e-4, "fine-tuning peak learning rate")
+    ft_micro_batch: int | None = _opt(None, "fine-tuning examples per rank and micro-step (default: the JSON's)")
+    ft_steps_per_epoch: int | None = _opt(None, "cap on fine-tuning optimiser steps per epoch "
+                                                "(default: the plan's with a budget, else the whole shard)")
+    ft_patience: int = _opt(5, "fine-tuning validation epochs without a new best before stopping")
+    trainable_scope: str = _opt("auto", "lora or full; auto: full for a config-built backbone, lora for a "
+                                        "checkpoint directory")
+    item_head: str = _opt("auto", "linear or tied; auto: tied for a config-built backbone, linear for a "
+                                  "checkpoint directory")
+    # the run plan (hellm_ds.plan): None = 60 minutes without GPUs when no stage setting above is given
+    budget_minutes: float | None = _opt(None, "fit the whole run in about M minutes: a few steps of each "
+                                              "stage are timed and the unset stage settings chosen to fit "
+                                              "(default: 60 without GPUs when no --graph-/--seq-/--ft- "
+                                              "epochs, time budget or steps is given, else none; 0: none)")
     redo: tuple[str, ...] = field(default_factory=tuple)
     progress: bool = True
+    verbose: bool = False  # the fine-tuning launcher's whole output on the terminal, not only in its log
 
     def __post_init__(self):
         self.redo = tuple(self.redo)
@@ -158,20 +194,50 @@ def default_ranks() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else min(2, os.cpu_count() or 1)
 
 
+def graph_train_config(cfg: PipelineConfig):
+    """The graph stage's GraphTrainConfig (``cfg``'s epochs resolved, see ``hellm_ds.plan``)."""
+    from hellm_ds.pretrain.mmhcl import MMHCLConfig
+    from hellm_ds.pretrain.presets import GRAPH_PRESETS
+    from hellm_ds.pretrain.train_graph import GraphTrainConfig
+
+    if cfg.graph_preset is not None and cfg.graph_preset not in GRAPH_PRESETS:
+        raise UsageError(f"--graph-preset must be one of {sorted(GRAPH_PRESETS)}, got {cfg.graph_preset!r}")
+    preset = GRAPH_PRESETS.get(cfg.graph_preset, {}) if cfg.graph_preset else {}
+    train_kw = {**preset.get("train", {}), "knn_k": cfg.knn_k, "epochs": cfg.graph_epochs,
+                "eval_every": cfg.graph_eval_every, "batch_size": cfg.graph_batch_size,
+                "time_budget": cfg.graph_time_budget, "seed": cfg.seed}
+    return GraphTrainConfig(model=MMHCLConfig(**preset.get("model", {})), **train_kw)
+
+
+def sasrec_train_config(cfg: PipelineConfig):
+    """The sasrec stage's SASRecTrainConfig (``cfg``'s epochs resolved)."""
+    from hellm_ds.pretrain.train_sasrec import SASRecTrainConfig
+
+    return SASRecTrainConfig(max_len=cfg.max_len, epochs=cfg.seq_epochs, eval_every=cfg.seq_eval_every,
+                             time_budget=cfg.seq_time_budget, seed=cfg.seed)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.llm.config import MODEL_SIZES
+    from hellm_ds.llm.backbone import check_model
+    from hellm_ds.llm.config import resolve_scope_and_head
 
     t_all = time.time()
+    # the fine-tuning stage's inputs are checked before any stage runs: a bad --model or DeepSpeed config
+    # fails now, not after stage 1. Scope and head: the trainer's own rule (it warns, in its output)
+    model = check_model(cfg.model)
+    scope, head = resolve_scope_and_head(model, cfg.trainable_scope, cfg.item_head, warn=False)
+    ds_config, ds_json = read_ds_config(cfg.deepspeed_config, "--deepspeed-config")
+    dataset = load_dataset(cfg.data, max_len=cfg.max_len)  # first: a bad --data leaves no empty --out behind
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
-    dataset = load_dataset(cfg.data, max_len=cfg.max_len)
     fp = dataset.fingerprint
     for s in sorted(set().union(*(downstream(r) for r in cfg.redo)) if cfg.redo else ()):
         if (root / s).exists():
             _say(f"--redo: clearing {root / s}")
             shutil.rmtree(root / s)
     results: dict[str, dict] = {}
+    seconds: dict[str, float] = {}  # each stage's wall time (a skipped one: when it ran, from its stamp)
 
     def stage(name: str, inputs: dict, fn) -> dict:
         st = Stage(root, name, {"dataset": fp, **inputs})
@@ -179,11 +245,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         if prev is not None:
             _say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
             results[name] = prev
+            seconds[name] = (read_stamp(st.dir) or {}).get("seconds")
             return prev
         _say(f"{name}: running → {st.dir}")
         t0 = time.time()
         res = st.finish(fn(st.dir), time.time() - t0)
         results[name] = res
+        seconds[name] = round(time.time() - t0, 2)
         return res
 
     # popularity
@@ -204,19 +272,27 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     stage("graphs", {"knn_k": cfg.knn_k}, graphs)
 
-    # graph pre-training
-    from hellm_ds.pretrain.mmhcl import MMHCLConfig
-    from hellm_ds.pretrain.presets import GRAPH_PRESETS
-    from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
-    from hellm_ds.pretrain.train_graph import GraphTrainConfig, train_graph
+    # the run plan (hellm_ds.plan): with a budget (by default 60 minutes without GPUs), the unset stage
+    # settings are chosen from a few timed steps (recorded in RUN/plan.json and reused); without one, the
+    # epoch defaults. Either way every setting below is resolved.
+    import torch
 
-    if cfg.graph_preset is not None and cfg.graph_preset not in GRAPH_PRESETS:
-        raise UsageError(f"--graph-preset must be one of {sorted(GRAPH_PRESETS)}, got {cfg.graph_preset!r}")
-    preset = GRAPH_PRESETS.get(cfg.graph_preset, {}) if cfg.graph_preset else {}
-    train_kw = {**preset.get("train", {}), "knn_k": cfg.knn_k, "epochs": cfg.graph_epochs,
-                "eval_every": cfg.graph_eval_every, "batch_size": cfg.graph_batch_size,
-                "time_budget": cfg.graph_time_budget, "seed": cfg.seed}
-    graph_cfg = GraphTrainConfig(model=MMHCLConfig(**preset.get("model", {})), **train_kw)
+    from hellm_ds.plan import apply_plan
+
+    ranks = cfg.ranks or default_ranks()
+    cfg, plan = apply_plan(cfg, dataset=dataset, root=root, cuda=torch.cuda.is_available(), ranks=ranks,
+                           model=model, scope=scope, head=head, ds_json=ds_json,
+                           graphs=lambda: load_or_build(dataset, gcfg, root / "graphs"),
+                           spent={k: seconds[k] or 0.0 for k in ("popularity", "graphs")})
+    threads = torch.get_num_threads()
+    if plan is not None and plan.get("threads"):
+        torch.set_num_threads(plan["threads"])  # graph, sasrec and evaluate run here, as the plan timed them
+
+    # graph pre-training
+    from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
+    from hellm_ds.pretrain.train_graph import train_graph
+
+    graph_cfg = graph_train_config(cfg)
 
     def graph(d: Path) -> dict:
         resume = (d / "checkpoint_last.pt").is_file()
@@ -230,10 +306,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     # SASRec
     from hellm_ds.pretrain.train_sasrec import EXPORT_NAME as SEQ_EXPORT
-    from hellm_ds.pretrain.train_sasrec import SASRecTrainConfig, train_sasrec
+    from hellm_ds.pretrain.train_sasrec import train_sasrec
 
-    seq_cfg = SASRecTrainConfig(max_len=cfg.max_len, epochs=cfg.seq_epochs, eval_every=cfg.seq_eval_every,
-                                time_budget=cfg.seq_time_budget, seed=cfg.seed)
+    seq_cfg = sasrec_train_config(cfg)
 
     def sasrec(d: Path) -> dict:
         resume = any(d.glob("checkpoint*"))
@@ -246,13 +321,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     stage("sasrec", {"config": seq_inputs}, sasrec)
 
     # fine-tuning
-    built = cfg.model in MODEL_SIZES
-    scope = cfg.trainable_scope if cfg.trainable_scope != "auto" else ("full" if built else "lora")
-    head = cfg.item_head if cfg.item_head != "auto" else ("tied" if built else "linear")
-    ranks = cfg.ranks or default_ranks()
-    ds_config, ds_json = read_ds_config(cfg.deepspeed_config, "--deepspeed-config")
     graph_emb, seq_emb = root / "graph" / GRAPH_EXPORT, root / "sasrec" / SEQ_EXPORT
-    ft_args = {"model": cfg.model if built else str(Path(cfg.model).resolve()), "epochs": cfg.ft_epochs,
+    ft_args = {"model": model, "epochs": cfg.ft_epochs,  # model: a size name, or the directory resolved
                "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
                "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
                "trainable_scope": scope, "item_head": head, "seed": cfg.seed}
@@ -274,7 +344,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             argv.append("--resume")
         if not cfg.progress:
             argv.append("--no-progress")
-        launch_finetune(argv, ranks, d / "launcher.log")
+        if cfg.verbose:
+            argv.append("--verbose")
+        launch_finetune(argv, ranks, d / "launcher.log", verbose=cfg.verbose)
         res = json.loads((d / RESULTS_NAME).read_text())
         return {k: v for k, v in res.items() if k != "losses"}
 
@@ -290,15 +362,24 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
     table = comparison_table(results)
     print(format_table(table), file=sys.stderr, flush=True)
+    from hellm_ds.plan import format_report, plan_report
+
+    torch.set_num_threads(threads)
+    report = plan_report(plan, {**seconds, "plan": plan and plan["plan_seconds"]})
+    if report is not None:
+        print(format_report(report), file=sys.stderr, flush=True)
     return {"out": str(root), "ranks": ranks, "trainable_scope": scope, "item_head": head,
-            "seconds": round(time.time() - t_all, 1), "table": table,
+            "seconds": round(time.time() - t_all, 1), "table": table, "plan": report,
             "stages": {k: results[k] for k in STAGES if k in results}}
 
 
-def launch_finetune(argv: list[str], ranks: int, log_path: Path) -> None:
+def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool = False) -> None:
     """``deepspeed --num_gpus ranks --module hellm_ds.train ARGV`` (CPU: DS_ACCELERATOR=cpu, gloo), or one
-    plain process for a single rank. The children's stdout (DeepSpeed's chatter) goes to stderr."""
+    plain process for a single rank. The children's output all goes to ``log_path``; to stderr too, except
+    DeepSpeed's launcher chatter unless ``verbose`` (``launcher_line_shown``)."""
     import torch
+
+    from hellm_ds.utils.verbosity import launcher_line_shown
 
     env = dict(os.environ)
     cuda = torch.cuda.is_available()
@@ -318,9 +399,11 @@ def launch_finetune(argv: list[str], ranks: int, log_path: Path) -> None:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):  # tee: progress stays visible, everything is kept
+        for line in iter(proc.stdout.readline, b""):  # tee: epoch lines and errors stay visible, all is kept
             log.write(line)
-            sys.stderr.write(line.decode(errors="replace"))
+            text = line.decode(errors="replace")
+            if launcher_line_shown(text, verbose):
+                sys.stderr.write(text)
         rc = proc.wait()
     if rc != 0:
         raise UsageError(f"fine-tuning exited with status {rc}; see {log_path}")
@@ -350,20 +433,32 @@ def format_table(rows: list[dict]) -> str:
 
 
 def add_cli(sub) -> None:
+    from hellm_ds.llm.config import ITEM_HEADS, TRAINABLE_SCOPES
+    from hellm_ds.pretrain.presets import GRAPH_PRESETS
+    from hellm_ds.utils.cli_args import csv_choices
+
     p = sub.add_parser("pipeline", help="every stage: baseline, graphs, stage 1, DeepSpeed fine-tuning, "
                        "evaluation (skips what is done)", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    defaults = {f.name: f.default for f in fields(PipelineConfig) if f.name not in ("data", "out", "redo")}
+    p.add_argument("--data", required=True, help="dataset directory (sequences.txt, …)")
+    p.add_argument("--out", required=True, help="run directory (one sub-directory per stage)")
     types = {"ranks": int, "ft_micro_batch": int, "ft_steps_per_epoch": int, "graph_time_budget": float,
-             "seq_time_budget": float, "graph_preset": str}
-    for name, default in defaults.items():
-        if name == "progress":
+             "seq_time_budget": float, "graph_preset": str, "graph_epochs": int, "seq_epochs": int,
+             "ft_epochs": int, "budget_minutes": float}
+    choices = {"graph_preset": sorted(GRAPH_PRESETS), "trainable_scope": ("auto", *TRAINABLE_SCOPES),
+               "item_head": ("auto", *ITEM_HEADS)}
+    for f in fields(PipelineConfig):
+        if f.name in ("data", "out", "redo", "progress", "verbose"):
             continue
-        flags = ["--" + name.replace("_", "-")] + (["--deepspeed_config"] if name == "deepspeed_config" else [])
-        p.add_argument(*flags, dest=name, type=types.get(name, type(default)), default=default)
-    p.add_argument("--redo", default="", help=f"comma-separated stages to run again (from {', '.join(STAGES)})")
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.name == "deepspeed_config":
+            flags.append("--deepspeed_config")
+        p.add_argument(*flags, dest=f.name, type=types.get(f.name, type(f.default)), default=f.default,
+                       choices=choices.get(f.name), help=f.metadata["help"])
+    p.add_argument("--redo", type=csv_choices(STAGES, allow_empty=True), default="",
+                   help=f"comma-separated stages to run again, with everything after them ({', '.join(STAGES)})")
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show DeepSpeed's INFO logs and library warnings "
+                   "(otherwise only in RUN/finetune/launcher.log)")
     p.set_defaults(func=_cmd)
 
 

@@ -26,7 +26,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from hellm_ds.data.readers import MultiHot, read_attributes, read_feature, read_item_texts, read_sequences
+from hellm_ds.data.readers import (MultiHot, check_dataset_dir, read_attributes, read_feature, read_item_texts,
+                                   read_sequences)
 from hellm_ds.errors import DataFormatError, UsageError
 
 SplitName = Literal["valid", "test"]
@@ -200,11 +201,9 @@ def _dataset_files(root: Path) -> list[str]:
 
 def load_dataset(root: str | Path, max_len: int = 50) -> Dataset:
     """Read and validate a dataset directory; raises ``DataFormatError`` on the first problem."""
-    root = Path(root)
     if max_len < 3:
         raise UsageError(f"max_len must be ≥ 3 (leave-one-out needs 3 items), got {max_len}")
-    if not root.is_dir():
-        raise DataFormatError(root, None, "dataset directory not found")
+    root = check_dataset_dir(root)
     raw = read_sequences(root / "sequences.txt")
     n_items = int(raw.items.max())
 

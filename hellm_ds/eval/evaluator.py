@@ -19,12 +19,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hellm_ds.data.batching import NextItemExamples, ShardedSampler, dist_rank_world
 from hellm_ds.data.dataset import Dataset
 from hellm_ds.eval.metrics import DEFAULT_KS, MetricAccumulator
 from hellm_ds.eval.ranking import PROTOCOLS, rank_targets, rank_targets_from_scores
+from hellm_ds.utils.progress import progress_bar
 
 UserFn = Callable[[dict], torch.Tensor]
 
@@ -64,7 +64,7 @@ def evaluate(
     if item_vectors is not None:
         item_vectors = item_vectors.to(device)
         item_bias = None if item_bias is None else item_bias.to(device)
-    for b in tqdm(range(n_batches), desc=f"eval {split}", disable=not progress or rank != 0, leave=False):
+    for b in progress_bar(range(n_batches), desc=f"eval {split}", enabled=progress and rank == 0):
         idx = shard[b * batch_size : (b + 1) * batch_size]
         n_real = idx.size
         if n_real == 0:  # lockstep filler: run the model, count nothing

@@ -79,10 +79,9 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
               batch_size: int = 256, device: str = "auto", progress: bool = False,
               meta: dict | None = None) -> dict:
     """See the module docstring; ``dataset`` must be the run's (checked)."""
-    from tqdm import tqdm
-
     from hellm_ds.data.batching import left_pad
     from hellm_ds.train.evaluate import load_checkpoint_model, resolve_device
+    from hellm_ds.utils.progress import progress_bar
 
     if k < 1:
         raise UsageError(f"--k must be ≥ 1, got {k}")
@@ -98,7 +97,7 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
     k = min(k, dataset.n_items)
     out = []
     starts, ends = dataset.offsets[index], dataset.offsets[index + 1]
-    for lo in tqdm(range(0, len(index), batch_size), desc="recommend", disable=not progress):
+    for lo in progress_bar(range(0, len(index), batch_size), desc="recommend", enabled=progress):
         hi = min(len(index), lo + batch_size)
         ids = torch.from_numpy(left_pad(dataset.items, starts[lo:hi], ends[lo:hi], dataset.max_len)).to(dev)
         batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
@@ -116,6 +115,8 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
 
 
 def add_cli(sub) -> None:
+    from hellm_ds.utils.cli_args import device_arg
+
     p = sub.add_parser("recommend", help="top-k items for given users from an exported fine-tuned HeLLM",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="the fine-tuning run's --out (or a merged export)")
@@ -123,11 +124,12 @@ def add_cli(sub) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", help="comma-separated user ids (the first column of sequences.txt)")
     who.add_argument("--users-file", help="a file with one user id per line (batch mode)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="items per user")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item the user has")
     p.add_argument("--max-len", type=int, default=None, help="history length (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=256, help="users scored per batch")
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)
 

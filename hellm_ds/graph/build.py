@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +41,12 @@ class GraphConfig:
     knn_k: int = 10
     modalities: tuple[str, ...] | None = None  # None → every modality of the dataset
     knn_block: int = 2048
+
+    def __post_init__(self):
+        if self.knn_k < 1:
+            raise UsageError(f"--knn-k must be ≥ 1 (each item is its own first neighbour), got {self.knn_k}")
+        if self.knn_block < 1:
+            raise UsageError(f"knn_block must be ≥ 1, got {self.knn_block}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,6 +185,9 @@ def build_graphs(dataset: Dataset, cfg: GraphConfig = GraphConfig(), device=None
     if missing:
         raise UsageError(f"unknown modality {missing[0]!r}; the dataset has {sorted(dataset.modalities)}")
     H = HT = None
+    if names and cfg.knn_k > dataset.n_items:  # knn_incidence takes min(k, items): say so, once
+        print(f"hellm-ds: note: --knn-k {cfg.knn_k} is more than the {dataset.n_items} items: k = "
+              f"{dataset.n_items} is used", file=sys.stderr, flush=True)
     if names:
         H = hyperedges([knn_incidence(dataset.modalities[m], cfg.knn_k, cfg.knn_block, device) for m in names])
         HT = H.transpose()

@@ -73,12 +73,99 @@ def llama_config(size: ModelSize, vocab_size: int, attn_implementation: str = "s
     return cfg
 
 
+# a local Hugging Face checkpoint directory: what ``from_pretrained`` reads (checked before it is asked to)
+CONFIG_FILE = "config.json"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+_OWN_EXPORTS = "hellm_"  # hellm_adapter/hellm_base.safetensors: HeLLM's own exports, not backbone weights
+
+
+def checkpoint_layout(path: str | Path) -> dict:
+    """What the local checkpoint directory ``path`` holds of what ``load_backbone`` reads, without reading
+    any weights: ``{"path", "config", "model_type", "weights", "tokenizer", "missing"}`` — ``missing`` lists
+    what is absent or unusable (empty: the layout loads). Shared by ``check_model`` and ``hellm-ds doctor``.
+
+    Needed: ``config.json`` (a JSON object); weights (``*.safetensors`` other than HeLLM's own
+    ``hellm_*`` exports, or ``pytorch_model*.bin``; every shard a ``*.index.json`` names); a tokenizer
+    (``tokenizer.json``, or ``tokenizer.model`` with the sentencepiece package, or ``vocab.json`` +
+    ``merges.txt``) — ``tokenizer_config.json`` alone describes a tokenizer but is none."""
+    import importlib.util
+    import json
+
+    root = Path(path)
+    out = {"path": str(root.resolve()), "config": False, "model_type": None, "weights": [], "tokenizer": [],
+           "missing": []}
+    if not root.is_dir():
+        out["missing"].append("the directory itself" if not root.exists() else "a directory (it is a file)")
+        return out
+    names = sorted(p.name for p in root.iterdir() if p.is_file())
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.is_file():
+        out["missing"].append(CONFIG_FILE)
+    else:
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            out["missing"].append(f"a readable {CONFIG_FILE} ({type(e).__name__}: {str(e)[:120]})")
+        else:
+            if isinstance(cfg, dict):
+                out["config"], out["model_type"] = True, cfg.get("model_type")
+            else:
+                out["missing"].append(f"a {CONFIG_FILE} holding a JSON object")
+    weights = sorted({p.name for pattern in WEIGHT_PATTERNS for p in root.glob(pattern)
+                      if p.is_file() and not p.name.startswith(_OWN_EXPORTS)})
+    out["weights"] = weights
+    if not weights:
+        out["missing"].append("model weights (*.safetensors or pytorch_model*.bin)")
+    for index in sorted(root.glob("*.index.json")):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            out["missing"].append(f"a readable {index.name}")
+            continue
+        absent = sorted(s for s in shards if not (root / s).is_file())
+        if absent:
+            out["missing"].append(f"the weight shards {index.name} names ({', '.join(absent[:3])}"
+                                  f"{', …' if len(absent) > 3 else ''})")
+    out["tokenizer"] = [n for n in (*TOKENIZER_FILES, "vocab.json", "merges.txt") if n in names]
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= set(names):
+        if "tokenizer.model" not in names:
+            out["missing"].append(f"tokenizer files ({' / '.join(TOKENIZER_FILES[:2])}; "
+                                  f"{TOKENIZER_FILES[2]} alone is not a tokenizer)")
+        elif importlib.util.find_spec("sentencepiece") is None:
+            out["missing"].append("tokenizer.json, or the sentencepiece package to read tokenizer.model "
+                                  "(pip install sentencepiece)")
+    return out
+
+
+def check_model(model: str) -> str:
+    """``model`` checked before anything is built or loaded: a size name of ``MODEL_SIZES`` is returned as is,
+    a local checkpoint directory whose layout loads (``checkpoint_layout``) as its resolved path; anything
+    else raises one ``UsageError`` naming the directory and everything it lacks."""
+    if model in MODEL_SIZES:
+        return model
+    path = Path(model)
+    if not path.exists():
+        raise UsageError(
+            f"--model {model!r} is neither a size ({', '.join(MODEL_SIZES)}) nor a local checkpoint "
+            "directory (hub names are never downloaded)"
+        )
+    if not path.is_dir():
+        raise UsageError(f"--model {path} is a file, not a size or a local checkpoint directory")
+    layout = checkpoint_layout(path)
+    if layout["missing"]:
+        raise UsageError(f"--model {layout['path']}: not a Hugging Face checkpoint directory, it lacks "
+                         + "; ".join(layout["missing"]))
+    return layout["path"]
+
+
 def load_backbone(cfg: HeLLMConfig, dtype: torch.dtype, init_context=None):
     """``(decoder, tokenizer)`` for ``cfg.model``: the causal LM's decoder (``causal_lm.model``) in ``dtype``,
     layout-checked. ``init_context`` (e.g. ``deepspeed.zero.Init(...)``) wraps the construction so a ZeRO-3
     run partitions the frozen weights as they are created."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model(cfg.model)  # the layout first: not a tokenizer's error from deep inside transformers
     ctx = init_context if init_context is not None else contextlib.nullcontext()
     if cfg.model in MODEL_SIZES:
         tokenizer = build_offline_tokenizer([cfg.instruction, cfg.response])

@@ -47,6 +47,8 @@ TrainableScope = Literal["lora", "full"]
 PREFIX_MODES = ("hidden", "kv", "off")
 TRAINABLE_SCOPES = ("lora", "full")
 ITEM_HEADS = ("linear", "tied")
+# transformers' attention kernels the CLI offers (the prefix injection works under each; see prefix.py)
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 # METHOD §5: an Alpaca-style template; the soft item tokens go between the two texts.
@@ -77,6 +79,41 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "small": ModelSize(256, 4, 8, 4, 688, max_position_embeddings=1024),  # trains on a CPU in minutes
     "llama-7b-shape": ModelSize(4096, 32, 32, 32, 11008, vocab_size=32000, max_position_embeddings=4096),
 }
+
+AUTO = "auto"
+
+
+def is_config_built(model: str) -> bool:
+    """True for a size name of ``MODEL_SIZES`` (a randomly initialised backbone built from a ``LlamaConfig``),
+    False for a local checkpoint directory (pre-trained weights)."""
+    return model in MODEL_SIZES
+
+
+def resolve_scope_and_head(model: str, trainable_scope: str = AUTO, item_head: str = AUTO,
+                           warn: bool = True) -> tuple[str, str]:
+    """The one rule for what trains and how items are scored, shared by every entry point (``hellm-ds
+    finetune``, ``launch/finetune.py`` and ``python -m hellm_ds.train`` through ``FinetuneConfig``, ``hellm-ds
+    pipeline``): ``auto`` resolves to scope ``full`` and the ``tied`` head for a config-built backbone (its
+    weights are random: LoRA would adapt noise, and a random I×H head starts from nothing where the tied
+    head starts from the stage-1 item geometry), and to METHOD's ``lora`` scope and ``linear`` head for a
+    checkpoint directory. An explicit value is kept; an explicit ``lora`` on a config-built backbone prints
+    one warning on stderr (``warn``) saying why it is not sensible."""
+    if trainable_scope != AUTO and trainable_scope not in TRAINABLE_SCOPES:
+        raise UsageError(
+            f"trainable_scope must be {AUTO!r} or one of {TRAINABLE_SCOPES}, got {trainable_scope!r}")
+    if item_head != AUTO and item_head not in ITEM_HEADS:
+        raise UsageError(f"item_head must be {AUTO!r} or one of {ITEM_HEADS}, got {item_head!r}")
+    built = is_config_built(model)
+    scope = trainable_scope if trainable_scope != AUTO else ("full" if built else "lora")
+    head = item_head if item_head != AUTO else ("tied" if built else "linear")
+    if warn and built and trainable_scope == "lora":
+        import sys
+
+        print(f"hellm-ds: warning: --trainable-scope lora on the config-built backbone {model!r}: its "
+              "weights are random, not pre-trained, so freezing it and adapting it with LoRA trains around "
+              "noise; scope full (the default for a size name) trains the backbone itself", file=sys.stderr,
+              flush=True)
+    return scope, head
 
 
 @dataclass(frozen=True)

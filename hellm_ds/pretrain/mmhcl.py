@@ -14,7 +14,7 @@ transposes). Without item modalities there is no item hypergraph: i = i_ui and t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -29,16 +29,19 @@ CONTRASTS = ("full", "batch")
 
 @dataclass(frozen=True)
 class MMHCLConfig:
-    dim: int = 64
-    ui_layers: int = 2  # K
-    user_layers: int = 3  # L_u
-    item_layers: int = 2  # L_i
-    lambda_u: float = 0.03
-    lambda_i: float = 0.07
-    tau: float = 0.3
-    reg: float = 1e-3
-    contrast: str = "batch"  # "full": all nodes (METHOD); "batch": the step's nodes only (see README)
-    contrast_block: int = 2048
+    # metadata["help"] is the `hellm-ds pretrain-graph` flag's help text (the flags are made from the fields)
+    dim: int = field(default=64, metadata={"help": "embedding size of every ID table"})
+    ui_layers: int = field(default=2, metadata={"help": "LightGCN layers K on the user-item graph"})
+    user_layers: int = field(default=3, metadata={"help": "user hypergraph (U2U) layers L_u"})
+    item_layers: int = field(default=2, metadata={"help": "item hypergraph (I2I) layers L_i"})
+    lambda_u: float = field(default=0.03, metadata={"help": "weight λ_u of the user InfoNCE term"})
+    lambda_i: float = field(default=0.07, metadata={"help": "weight λ_i of the item InfoNCE term"})
+    tau: float = field(default=0.3, metadata={"help": "InfoNCE temperature τ"})
+    reg: float = field(default=1e-3, metadata={"help": "L2 regularisation weight λ_reg"})
+    contrast: str = field(default="batch", metadata={  # see README
+        "help": "InfoNCE negatives: full = all nodes (METHOD), batch = the step's nodes only",
+        "choices": CONTRASTS})
+    contrast_block: int = field(default=2048, metadata={"help": "query rows per block of the full InfoNCE"})
 
 
 class MMHCL(nn.Module):

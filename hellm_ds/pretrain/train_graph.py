@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hellm_ds.data.dataset import Dataset, load_dataset
 from hellm_ds.errors import UsageError
@@ -38,6 +37,7 @@ from hellm_ds.pretrain.presets import GRAPH_PRESETS
 from hellm_ds.utils.device import resolve_device
 from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
+from hellm_ds.utils.progress import progress_bar, progress_line
 from hellm_ds.utils.runlog import RunLog
 
 EXPORT_NAME = "graph_embeddings.safetensors"
@@ -45,19 +45,22 @@ EXPORT_NAME = "graph_embeddings.safetensors"
 
 @dataclass(frozen=True)
 class GraphTrainConfig:
+    # metadata["help"]: the `hellm-ds pretrain-graph` flag's help text (see add_cli)
     model: MMHCLConfig = field(default_factory=MMHCLConfig)
-    knn_k: int = 10
-    lr: float = 1e-3  # the authors use 1e-4 (METHOD §3); 1e-3 reaches the same plateau in far fewer epochs
-    batch_size: int = 1024
-    epochs: int = 200
-    eval_every: int = 5
-    patience: int = 5  # evaluations without improvement
+    knn_k: int = field(default=10, metadata={"help": "kNN hyperedge size per item and modality (self included)"})
+    # the authors use 1e-4 (METHOD §3); 1e-3 reaches the same plateau in far fewer epochs
+    lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=1024, metadata={"help": "(user, positive, negative) triples per step"})
+    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
+    eval_every: int = field(default=5, metadata={"help": "validate every N epochs"})
+    patience: int = field(default=5, metadata={"help": "evaluations without improvement before stopping"})
     select_metric: str = "NDCG@10"
     select_protocol: str = "paper"
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = "auto"
     backend: str = "auto"
-    time_budget: float | None = None  # seconds of training, across resumes; stops after the epoch crossing it
+    time_budget: float | None = field(default=None, metadata={  # across resumes
+        "help": "seconds of training; stops after the epoch that crosses it"})
     eval_batch_size: int = 1024
 
 
@@ -137,7 +140,7 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
         te = time.time()
         perm = torch.randperm(n_pairs, generator=gen)
         sums: dict[str, float] = {}
-        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        bar = progress_bar(range(steps), desc=f"graph epoch {epoch}", enabled=progress)
         for s in bar:
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
             u, p = pairs_u[idx], pairs_i[idx]
@@ -162,6 +165,10 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 best_metrics = valid
         log.log("epoch", step=epoch, **rec)
+        if progress:  # one line per epoch (the bar is drawn on a terminal only)
+            v = rec["valid"][cfg.select_protocol][cfg.select_metric] if "valid" in rec else None
+            sel = "" if v is None else f", valid {cfg.select_protocol} {cfg.select_metric} {v:.4f}"
+            progress_line(f"graph epoch {epoch}: loss {rec['loss']:.4f} ({rec['seconds']:.1f} s){sel}")
         save_state(ckpt, {"recipe": "graph", "model": model.state_dict(), "optim": opt.state_dict(),
                           "generator": gen.get_state(), "stopper": stopper.state_dict(), "epoch": epoch,
                           "best_state": best_state, "best_metrics": best_metrics,
@@ -209,22 +216,36 @@ def _evaluate(model: MMHCL, dataset: Dataset, splits, cfg: GraphTrainConfig, dev
 
 # ---- command line -------------------------------------------------------------------------------------------
 def add_cli(sub) -> None:
+    from hellm_ds.utils.cli_args import device_arg
+
     p = sub.add_parser("pretrain-graph", help="stage 1: hypergraph pre-training (MMHCL) → graph embeddings")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--data", required=True, help="dataset directory (sequences.txt, …)")
+    p.add_argument("--out", required=True,
+                   help=f"run directory (log.jsonl, checkpoint_last.pt, {EXPORT_NAME}, graph_cache/)")
+    p.add_argument("--max-len", type=int, default=50, help="keep each user's last N items")
     p.add_argument("--preset", choices=sorted(GRAPH_PRESETS), default=None,
                    help="the authors' tuned hyper-parameters for a dataset (explicit flags override)")
+    # default None = "not given", so a preset's value is not overridden: the help names the real default
+    preset_keys = {k for preset in GRAPH_PRESETS.values() for part in preset.values() for k in part}
+
+    def text(f) -> str:
+        default = "none" if f.default is None else f.default
+        by_preset = ", or the preset's" if f.name in preset_keys else ""
+        return f"{f.metadata['help']} (default: {default}{by_preset})"
+
     for f in fields(MMHCLConfig):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                       choices=f.metadata.get("choices"), help=text(f))
     for name in ("knn_k", "lr", "batch_size", "epochs", "eval_every", "patience", "seed", "time_budget"):
         f = GraphTrainConfig.__dataclass_fields__[name]
         typ = float if name in ("lr", "time_budget") else int
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=BACKENDS)
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=text(f))
+    p.add_argument("--device", type=device_arg, default="auto",
+                   help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="SpMM kernels (auto: triton on CUDA, torch otherwise)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)
 
 

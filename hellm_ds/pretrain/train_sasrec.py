@@ -43,12 +43,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hellm_ds.data.batching import left_pad
 from hellm_ds.data.dataset import Dataset, load_dataset
@@ -60,6 +59,7 @@ from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
 from hellm_ds.utils.device import resolve_device
 from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, load_tensors, save_state
 from hellm_ds.utils.early_stop import EarlyStopper
+from hellm_ds.utils.progress import progress_bar, progress_line
 from hellm_ds.utils.runlog import RunLog
 
 EXPORT_NAME = "sequential_item_embeddings.safetensors"
@@ -72,28 +72,33 @@ class SASRecTrainConfig:
     """Hyper-parameters. The defaults are chosen for a CPU budget: a lighter dropout and a larger learning
     rate than the reference SASRec (0.5, 1e-3) converge in far fewer epochs, which is what matters when an
     epoch costs ~25 s. With them, Toys on one thread of a 2-core AMD EPYC (time_budget 660 s, 21 epochs)
-    reaches test Recall@10 0.0795 / NDCG@10 0.0461 (paper protocol; popularity: 0.0089 / 0.0049)."""
+    reaches test Recall@10 0.0795 / NDCG@10 0.0461 (paper protocol; popularity: 0.0089 / 0.0049).
 
-    dim: int = 64
-    n_blocks: int = 2
-    n_heads: int = 1
+    ``metadata["help"]`` is the help text of the field's `hellm-ds pretrain-seq` flag (see ``_CLI_FIELDS``)."""
+
+    dim: int = field(default=64, metadata={"help": "embedding size"})
+    n_blocks: int = field(default=2, metadata={"help": "transformer blocks"})
+    n_heads: int = field(default=1, metadata={"help": "attention heads"})
     ffn_dim: int | None = None  # None → dim (the original SASRec's point-wise FFN)
-    dropout: float = 0.2
-    max_len: int = 50
-    lr: float = 2e-3
-    weight_decay: float = 0.0  # Adam's L2 term
-    batch_size: int = 128  # users per step
-    epochs: int = 200
-    eval_every: int = 1
-    patience: int = 5  # evaluations without a new best
+    dropout: float = field(default=0.2, metadata={"help": "dropout probability"})
+    max_len: int = field(default=50, metadata={
+        "help": "keep each user's last N items (dataset and positional table)"})
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "Adam L2 weight decay"})
+    batch_size: int = field(default=128, metadata={"help": "users per step"})
+    epochs: int = field(default=200, metadata={"help": "maximum epochs"})
+    eval_every: int = field(default=1, metadata={"help": "validate every N epochs"})
+    patience: int = field(default=5, metadata={"help": "evaluations without a new best before stopping"})
     select_metric: str = "NDCG@10"
     select_protocol: str = "paper"
-    seed: int = 0
-    device: str = "auto"  # "auto" → cuda if available, else cpu
-    time_budget: float | None = None  # seconds across resumes; training stops after the epoch that crosses it
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:N"})
+    time_budget: float | None = field(default=None, metadata={  # counted across resumes
+        "help": "seconds; stop after the epoch that crosses it"})
     # torch CPU threads during the call (restored afterwards). When another process keeps one of 2 cores
     # busy, 2 threads are an order of magnitude slower than 1 (OpenMP workers wait on the busy core).
-    num_threads: int | None = None
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch CPU threads during the run (none: torch's choice)"})
     eval_batch_size: int = 1024
 
     def __post_init__(self):
@@ -269,7 +274,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         loss_sum, n_sum = 0.0, 0
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))
-            bar = tqdm(range(n_batches), desc=f"sasrec epoch {epoch}", disable=not progress, leave=False)
+            bar = progress_bar(range(n_batches), desc=f"sasrec epoch {epoch}", enabled=progress)
             for b in bar:
                 inputs, targets = data.batch(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
                 loss, n = _sequence_loss(model, inputs.to(device), targets.to(device))
@@ -299,7 +304,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
         if progress:
             v = None if valid is None else valid[cfg.select_protocol][cfg.select_metric]
             sel = "" if v is None else f", valid {cfg.select_protocol} {cfg.select_metric} {v:.4f}"
-            tqdm.write(f"sasrec epoch {epoch}: loss {epoch_loss:.4f} ({secs:.1f} s){sel}")
+            progress_line(f"sasrec epoch {epoch}: loss {epoch_loss:.4f} ({secs:.1f} s){sel}")  # stderr
         save_state(ckpt_path, {
             "recipe": "sasrec", "model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch,
             "stopper": stopper.state_dict(), "best_state": best_state, "best_valid": best_valid,
@@ -351,35 +356,39 @@ def load_sasrec(path: str | Path, device: str | torch.device = "cpu") -> tuple[S
 
 
 # ---- command line ------------------------------------------------------------------------------------------
-_CLI_FIELDS = {  # flag → (config field, type, help)
-    "--epochs": ("epochs", int, "maximum epochs"),
-    "--time-budget": ("time_budget", float, "seconds; stop after the epoch that crosses it"),
-    "--dim": ("dim", int, "embedding size"),
-    "--blocks": ("n_blocks", int, "transformer blocks"),
-    "--heads": ("n_heads", int, "attention heads"),
-    "--dropout": ("dropout", float, "dropout probability"),
-    "--lr": ("lr", float, "Adam learning rate"),
-    "--weight-decay": ("weight_decay", float, "Adam L2 weight decay"),
-    "--batch-size": ("batch_size", int, "users per step"),
-    "--max-len": ("max_len", int, "keep each user's last N items (dataset and positional table)"),
-    "--patience": ("patience", int, "evaluations without improvement before stopping"),
-    "--eval-every": ("eval_every", int, "validate every N epochs"),
-    "--seed": ("seed", int, "random seed"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--threads": ("num_threads", int, "torch CPU threads during the run (none: torch's choice)"),
+_CLI_FIELDS = {  # flag → (config field, type); the help text is the field's metadata["help"]
+    "--epochs": ("epochs", int),
+    "--time-budget": ("time_budget", float),
+    "--dim": ("dim", int),
+    "--blocks": ("n_blocks", int),
+    "--heads": ("n_heads", int),
+    "--dropout": ("dropout", float),
+    "--lr": ("lr", float),
+    "--weight-decay": ("weight_decay", float),
+    "--batch-size": ("batch_size", int),
+    "--max-len": ("max_len", int),
+    "--patience": ("patience", int),
+    "--eval-every": ("eval_every", int),
+    "--seed": ("seed", int),
+    "--device": ("device", str),
+    "--threads": ("num_threads", int),
 }
 
 
 def add_cli(subparsers) -> argparse.ArgumentParser:
     """Register ``pretrain-seq`` on a subparsers object; the handler returns the result dict."""
-    defaults = SASRecTrainConfig()
+    from hellm_ds.utils.cli_args import device_arg
+
+    config_fields = SASRecTrainConfig.__dataclass_fields__
     p = subparsers.add_parser("pretrain-seq", help="train SASRec and export its item embeddings (stage 1b)")
     p.add_argument("--data", required=True, help="dataset directory (sequences.txt, …)")
     p.add_argument("--out", required=True,
                    help=f"run directory (log.jsonl, {CHECKPOINT_NAME}, {EXPORT_NAME}, {MODEL_NAME})")
-    for flag, (name, typ, text) in _CLI_FIELDS.items():
-        p.add_argument(flag, dest=name, type=typ, default=None,
-                       help=f"{text} (default: {str(getattr(defaults, name)).replace('None', 'none')})")
+    # default None = "not given" (only given flags override the config): the help names the real default
+    for flag, (name, typ) in _CLI_FIELDS.items():
+        f = config_fields[name]
+        p.add_argument(flag, dest=name, type=device_arg if name == "device" else typ, default=None,
+                       help=f"{f.metadata['help']} (default: {str(f.default).replace('None', 'none')})")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_pretrain_seq)
@@ -387,7 +396,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_pretrain_seq(args) -> dict:
-    overrides = {name: getattr(args, name) for name, _, _ in _CLI_FIELDS.values()
+    overrides = {name: getattr(args, name) for name, _ in _CLI_FIELDS.values()
                  if getattr(args, name) is not None}
     cfg = SASRecTrainConfig(**overrides)
     dataset = load_dataset(args.data, max_len=cfg.max_len)

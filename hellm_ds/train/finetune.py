@@ -74,6 +74,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -137,8 +138,8 @@ class FinetuneConfig:
     prefix_len: int = 10
     prefix_mode: str = "hidden"
     lora_r: int = 16
-    trainable_scope: str = "lora"
-    item_head: str = "linear"
+    trainable_scope: str = "auto"  # auto: full for a config-built size, lora for a checkpoint directory
+    item_head: str = "auto"  # auto: tied for a config-built size, linear for a checkpoint directory
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -162,6 +163,14 @@ class FinetuneConfig:
         if "/" not in self.select_metric:
             raise UsageError(
                 f"select_metric is PROTOCOL/METRIC (e.g. paper/NDCG@10), got {self.select_metric!r}")
+        from hellm_ds.llm.backbone import check_model
+        from hellm_ds.llm.config import resolve_scope_and_head
+
+        # before anything is built: a checkpoint directory's layout, then the one scope/head rule; the
+        # resolved values (never "auto") are what the run log, the checkpoints and the export record
+        self.model = check_model(self.model)
+        self.trainable_scope, self.item_head = resolve_scope_and_head(
+            self.model, self.trainable_scope, self.item_head, warn=os.environ.get("RANK", "0") == "0")
 
     def hellm_config(self):
         from hellm_ds.llm import HeLLMConfig
@@ -197,6 +206,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+        local_size = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if os.environ["WORLD_SIZE"] == "1" else None)
+        if not torch.cuda.is_available() and local_size and "LOCAL_SIZE" not in os.environ:
+            # DeepSpeed's CPU accelerator counts this node's ranks from LOCAL_SIZE, which only its own
+            # launcher sets; without it every ZeRO-3 step starts `numactl --hardware` to count NUMA nodes
+            os.environ["LOCAL_SIZE"] = local_size
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -348,7 +362,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Train (or resume) one run; returns the results dict (same on every rank)."""
     import deepspeed
-    from tqdm import tqdm
 
     from hellm_ds.data.batching import NextItemExamples, ShardedSampler
     from hellm_ds.data.dataset import load_dataset
@@ -356,6 +369,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from hellm_ds.llm.config import MODEL_SIZES
     from hellm_ds.utils.checkpoint import export_tensors, load_tensors
     from hellm_ds.utils.early_stop import EarlyStopper
+    from hellm_ds.utils.progress import progress_bar, progress_line
     from hellm_ds.utils.runlog import RunLog
 
     rank, world, device = init_distributed()
@@ -372,7 +386,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         # a second run would interleave its checkpoints, log and export with the first one's
         raise UsageError(f"{ckpt_dir} holds a run's checkpoints: pass --resume to continue it, or use a new "
                          "--out")
-    log = RunLog(out, enabled=rank == 0, fresh=not cfg.resume)  # + TensorBoard when installed
     show = cfg.progress and rank == 0
 
     dataset = load_dataset(cfg.data, max_len=cfg.max_len)
@@ -380,6 +393,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
     g_t, _ = load_tensors(cfg.graph_emb, {"item": (n_items + 1, None)})
     s_t, _ = load_tensors(cfg.seq_emb, {"item": (n_items + 1, None)})
     graph_items, seq_items = g_t["item"].float(), s_t["item"].float()
+
+    # -- data / schedule (before the model: a run that cannot take one step fails before any loading) --
+    train = NextItemExamples(dataset, "train", cfg.max_len)
+    sampler = ShardedSampler(len(train), world, rank, seed=cfg.seed, shuffle=True, drop_last=True)
+    micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
+    gas = int(ds_cfg["gradient_accumulation_steps"])
+    steps_per_epoch = len(sampler) // micro // gas
+    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch > steps_per_epoch >= 1 and rank == 0:
+        print(f"hellm-ds: note: {cfg.steps_per_epoch} fine-tuning steps per epoch asked for, the data gives "
+              f"{steps_per_epoch} ({len(sampler)} training samples per rank, {micro}×{gas} per step): using "
+              f"{steps_per_epoch}", file=sys.stderr, flush=True)
+    if cfg.steps_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise UsageError(f"{len(sampler)} training samples per rank do not fill one step of "
+                         f"{micro}×{gas} samples")
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
 
     # -- model, partitioned from construction on under ZeRO-3 --
     hf_ds_config = None  # must stay alive while transformers loads (it is held through a weakref)
@@ -401,20 +432,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model.instruction_ids = model.instruction_ids.to(device)
         model.response_ids = model.response_ids.to(device)
 
-    # -- data / schedule --
-    train = NextItemExamples(dataset, "train", cfg.max_len)
-    sampler = ShardedSampler(len(train), world, rank, seed=cfg.seed, shuffle=True, drop_last=True)
-    micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-    gas = int(ds_cfg["gradient_accumulation_steps"])
-    steps_per_epoch = len(sampler) // micro // gas
-    if cfg.steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(sampler)} training samples per rank do not fill one step of "
-                         f"{micro}×{gas} samples")
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-
     def lam(step: int) -> float:
         return lr_at(step, cfg.lr, cfg.min_lr, warmup, total_steps) / cfg.lr
 
@@ -425,6 +442,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model=model, optimizer=optimizer, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
     hmodel = engine.module
+    # the output directory is created only now, once every input loaded (a failed start leaves nothing)
+    log = RunLog(out, enabled=rank == 0, fresh=not cfg.resume)  # + TensorBoard when installed
 
     if cfg.report_partitioning:
         rep = partition_report(hmodel, rank, world)
@@ -522,7 +541,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         sampler.set_epoch(epoch)
         idx = sampler.indices()
         start = step_in_epoch if epoch == epoch0 else 0
-        bar = tqdm(range(start, steps_per_epoch), desc=f"epoch {epoch}", disable=not show, leave=False)
+        te, first = time.time(), len(losses)
+        bar = progress_bar(range(start, steps_per_epoch), desc=f"finetune epoch {epoch}", enabled=show)
         for s in bar:
             step_loss = torch.zeros((), dtype=torch.float64)
             for a in range(gas):
@@ -571,6 +591,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         else:
             best = {"epoch": epoch}
             export(epoch)
+        if show:  # one line per epoch (the bar is drawn on a terminal only)
+            part = losses[first:]
+            sel = f", valid {cfg.select_metric} {rec['valid'][proto][metric]:.4f}" if "valid" in rec else ""
+            progress_line(f"finetune epoch {epoch}: loss {np.mean(part) if part else float('nan'):.4f} "
+                          f"({time.time() - te:.1f} s){sel}")
         # its own tag: a run stopped by --max-steps on an epoch's last step saved step{N} before this
         # epoch's evaluation, and a resume must not overwrite the checkpoint ``latest`` names
         save(f"step{global_step}-end", epoch + 1, 0)
@@ -622,26 +647,74 @@ def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune", description="HeLLM stage-2 fine-tuning with DeepSpeed "
-                                "(see hellm_ds.train.finetune's docstring for launchers)")
+    from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
+    from hellm_ds.eval.ranking import PROTOCOLS
+    from hellm_ds.llm.config import ATTN_IMPLEMENTATIONS, DTYPES, ITEM_HEADS, PREFIX_MODES, TRAINABLE_SCOPES
+    from hellm_ds.utils.cli_args import ArgumentParser
+
+    p = ArgumentParser(prog="finetune", description="HeLLM stage-2 fine-tuning with DeepSpeed "
+                       "(see hellm_ds.train.finetune's docstring for launchers)")
     defaults = {f.name: f.default for f in fields(FinetuneConfig) if f.name != "extra_ds"}
-    for name in ("data", "graph_emb", "seq_emb", "out"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, required=True)
+    for name, text in (("data", "dataset directory (sequences.txt, …)"),
+                       ("graph_emb", "stage-1 graph embeddings (pretrain-graph's graph_embeddings.safetensors)"),
+                       ("seq_emb", "stage-1 item embeddings "
+                                   "(pretrain-seq's sequential_item_embeddings.safetensors)"),
+                       ("out", f"run directory (log.jsonl, {CKPT_DIR}/, {ADAPTER_NAME}, {RESULTS_NAME})")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, required=True, help=text)
     p.add_argument("--model", default=defaults["model"], help="tiny|small|llama-7b-shape or a local HF dir")
     p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                   default=defaults["deepspeed_config"])
-    for name, typ in (("epochs", int), ("lr", float), ("min_lr", float), ("weight_decay", float),
-                      ("beta1", float), ("beta2", float), ("warmup_epochs", float), ("micro_batch_size", int),
-                      ("grad_accum", int), ("grad_clip", float), ("steps_per_epoch", int), ("max_steps", int),
-                      ("max_len", int), ("eval_batch_size", int), ("select_metric", str), ("patience", int),
-                      ("save_every", int), ("keep_checkpoints", int), ("prefix_len", int),
-                      ("prefix_mode", str),
-                      ("lora_r", int), ("trainable_scope", str), ("item_head", str), ("dtype", str), ("attn_implementation", str),
-                      ("seed", int)):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name])
-    for name in ("resume", "report_partitioning", "gradient_checkpointing", "skip_eval"):
-        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+                   default=defaults["deepspeed_config"],
+                   help="DeepSpeed JSON config: a path, or ds_configs/NAME.json of the installed package")
+    auto = "auto: full+tied for a config-built backbone, lora+linear for a checkpoint directory"
+    metrics = [f"{proto}/{m}@{k}" for proto in PROTOCOLS for m in METRICS for k in DEFAULT_KS]
+    # name → (type, help[, choices]); a None default is the config's "not set" and the help says what it means
+    options = {
+        "epochs": (int, "training epochs"),
+        "lr": (float, "peak learning rate (after the warm-up)"),
+        "min_lr": (float, "learning rate at the end of the half-cosine decay"),
+        "weight_decay": (float, "AdamW weight decay (tensors of ≥ 2 dims)"),
+        "beta1": (float, "AdamW β1"),
+        "beta2": (float, "AdamW β2"),
+        "warmup_epochs": (float, "linear warm-up length in epochs"),
+        "micro_batch_size": (int, "examples per rank and micro-step (default: the JSON's "
+                                  "train_micro_batch_size_per_gpu)"),
+        "grad_accum": (int, "micro-steps per optimiser step (default: the JSON's gradient_accumulation_steps)"),
+        "grad_clip": (float, "gradient-norm clipping (default: the JSON's gradient_clipping)"),
+        "steps_per_epoch": (int, "cap on optimiser steps per epoch (default: the whole shard)"),
+        "max_steps": (int, "stop, as if interrupted, after this many optimiser steps in total (default: no cap)"),
+        "max_len": (int, "keep each user's last N items"),
+        "eval_batch_size": (int, "users per evaluation batch"),
+        "select_metric": (str, "validation metric that picks the best epoch and drives early stopping "
+                               "(e.g. filtered/Recall@20)", metrics),
+        "patience": (int, "validation epochs without a new best before stopping"),
+        "save_every": (int, "optimiser steps between checkpoints (0: only at epoch ends)"),
+        "keep_checkpoints": (int, "newest checkpoints kept"),
+        "prefix_len": (int, "prefix length L_p (keys/values per layer)"),
+        "prefix_mode": (str, "hidden: through each layer's own k/v projections (METHOD); kv: learned in key/value "
+                             "space; off: no prefix (ablation)", PREFIX_MODES),
+        "lora_r": (int, "LoRA rank (0: no LoRA)"),
+        "trainable_scope": (str, f"lora: the backbone is frozen, LoRA and HeLLM's parts train; full: the "
+                                 f"backbone trains too; {auto}", ("auto", *TRAINABLE_SCOPES)),
+        "item_head": (str, f"linear: a trained Linear(hidden → items); tied: scores from the items' own soft "
+                           f"tokens; {auto}", ("auto", *ITEM_HEADS)),
+        "dtype": (str, "dtype of every parameter (auto: bfloat16 on CUDA, float32 on CPU)",
+                  ("auto", *sorted(DTYPES))),
+        "attn_implementation": (str, "transformers attention kernel", ATTN_IMPLEMENTATIONS),
+        "seed": (int, "random seed"),
+    }
+    # "auto" is resolved against --model after parsing, not here
+    defaults.update(trainable_scope="auto", item_head="auto")
+    for name, (typ, text, *choices) in options.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name], help=text,
+                       choices=choices[0] if choices else None,
+                       metavar="PROTOCOL/METRIC@K" if name == "select_metric" else None)
+    for name, text in (("resume", f"continue from OUT/{CKPT_DIR}/{LATEST}"),
+                       ("report_partitioning", "write OUT/partitioning/rank<R>.json (ZeRO partition sizes)"),
+                       ("gradient_checkpointing", "activation checkpointing of the decoder layers"),
+                       ("skip_eval", "no validation or test at epoch ends")):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=text)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="show DeepSpeed's INFO logs and library warnings")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -649,16 +722,29 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(argv=None) -> FinetuneConfig:
     args = vars(build_parser().parse_args(argv))
     args.pop("local_rank", None)
+    args.pop("verbose", None)  # what is shown, not what is trained: main() applies it
     return FinetuneConfig(**args)
 
 
 def main(argv=None) -> int:
-    cfg = config_from_args(argv)
+    from hellm_ds.errors import DataFormatError
+    from hellm_ds.utils.io import removed_if_left_empty
+    from hellm_ds.utils.verbosity import configure_deepspeed_output
+
     try:
-        res = finetune(cfg)
-    except (UsageError, TrainingDiverged) as e:
+        cfg = config_from_args(argv)  # checks --model's layout and resolves the scope/head rule
+    except UsageError as e:
         print(f"error: {e}", flush=True)
-        return 2 if isinstance(e, UsageError) else 3
+        return 2
+    # before DeepSpeed runs: its INFO logs and its collectives' FutureWarnings only with --verbose
+    configure_deepspeed_output(verbose=build_parser().parse_args(argv).verbose)
+    try:
+        # rank 0 (the one that creates it) removes an --out a failed start left empty
+        with removed_if_left_empty(cfg.out if os.environ.get("RANK", "0") == "0" else None):
+            res = finetune(cfg)
+    except (UsageError, DataFormatError, TrainingDiverged) as e:
+        print(f"error: {e}", flush=True)
+        return 3 if isinstance(e, TrainingDiverged) else 2
     if dist.is_initialized() and dist.get_rank() == 0 or not dist.is_initialized():
         print(json.dumps({k: v for k, v in res.items() if k != "losses"}, default=str), flush=True)
     if dist.is_initialized():

@@ -1,9 +1,12 @@
 """Atomic file writes: the content goes to a temporary file beside the target, renamed into place, so a
-reader (or a crash) sees the old file or the new one, never half of one. Standard library only."""
+reader (or a crash) sees the old file or the new one, never half of one; and ``removed_if_left_empty``, so a
+failed command leaves no empty output directory behind. Standard library only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,3 +32,26 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     """``obj`` (a str as is, else JSON) written to ``path`` atomically."""
     text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | Path | None):
+    """Around a command that writes into the output directory ``path``: when the body fails (any exception,
+    Ctrl-C included) and left ``path`` holding no file, the directories it created are removed again — the
+    topmost folder of ``path`` that did not exist before, with the empty folders under it. A directory that
+    existed before, or one that holds a file, is never touched. ``None``: no output directory."""
+    if path is None:
+        yield
+        return
+    top = Path(path).absolute()
+    if top.exists():
+        yield
+        return
+    while not top.parent.exists():
+        top = top.parent
+    try:
+        yield
+    except BaseException:
+        if top.is_dir() and not any(p.is_file() or p.is_symlink() for p in top.rglob("*")):
+            shutil.rmtree(top, ignore_errors=True)
+        raise

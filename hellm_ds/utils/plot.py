@@ -447,7 +447,7 @@ def add_cli(sub) -> None:
     p.add_argument("--run", required=True, help="run directory holding log.jsonl (any recipe's --out)")
     p.add_argument("--out", default=None, help="where the PNG files go (default RUN/plots)")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
-                   help="comma-separated validation metrics to draw (default Recall@10,NDCG@10)")
+                   help="comma-separated validation metrics to draw")
     p.add_argument("--smoothing", type=float, default=None,
                    help="EMA weight in [0, 1) for the smoothed loss (default: 1 - 10/points, at most 0.99)")
     p.set_defaults(func=_cmd)

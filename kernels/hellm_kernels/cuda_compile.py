@@ -227,8 +227,9 @@ def add_cli(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hellm_kernels.cuda_compile",
-                                 description=__doc__.split("\n")[0])
+    from hellm_ds.utils.cli_args import ArgumentParser
+
+    ap = ArgumentParser(prog="python -m hellm_kernels.cuda_compile", description=__doc__.split("\n")[0])
     _add_arguments(ap)
     args = ap.parse_args(argv)
     result = report(tuple(args.arch or [90]), args.cache_dir)

@@ -27,7 +27,10 @@ from tests.train.common import FAST, LAUNCH, ROOT, ZERO3, launcher_env, log
 
 pytestmark = pytest.mark.slow
 
-ARGS = ("--epochs", "2", "--steps-per-epoch", "6", "--save-every", "2", "--lr", "1e-3")
+# scope lora on the config-built backbone (not its default): the drill also checks the frozen random base
+# that such a run exports once, from the pre-kill part
+ARGS = ("--epochs", "2", "--steps-per-epoch", "6", "--save-every", "2", "--lr", "1e-3", "--trainable-scope",
+        "lora", "--item-head", "linear")
 KILL_AFTER = "step8"  # the mid-epoch checkpoint after which rank 1 dies
 RUN_TIMEOUT = 600  # s, a whole launcher run on the slow shared machine
 WATCH_TIMEOUT = 480  # s, from launch until the kill condition

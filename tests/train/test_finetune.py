@@ -60,12 +60,18 @@ def test_single_process_zero3_end_to_end_export_reload(tables, tmp_path):
     assert not any(p.name.startswith(".latest") for p in ck.iterdir())  # no temporary pointer left
     meta = json.loads((out / ADAPTER_CONFIG).read_text())
     assert meta["epoch"] == res["best_epoch"] and (out / ADAPTER_NAME).is_file()
+    # the config-built backbone's "auto" scope and head, resolved (never "auto") in the log and the export
+    start = [r for r in ev if r["event"] == "start"][0]
+    for rec in (start["config"], start["model"], meta["model"]):
+        assert (rec["trainable_scope"], rec["item_head"]) == ("full", "tied"), rec
+    assert meta["base"] is None  # scope full: the trained backbone is in the adapter export
 
     model = load_adapter(out)  # one plain process, no DeepSpeed engine
     ds = load_dataset(tables[0], max_len=10)
     with torch.no_grad():
-        valid = evaluate(ds, "valid", model.user_vectors, item_vectors=model.head.weight,
-                         item_bias=model.head.bias, batch_size=200, progress=False)
+        W, b = model.item_scoring()
+        valid = evaluate(ds, "valid", model.user_vectors, item_vectors=W, item_bias=b, batch_size=200,
+                         progress=False)
     for proto in ("paper", "filtered"):
         for k, v in res["valid"][proto].items():
             assert valid[proto][k] == pytest.approx(v, abs=1e-9), (proto, k)
@@ -100,7 +106,13 @@ def test_resume_same_losses(tables, tmp_path):
     run(tables, full, *args)
     run(tables, part, *args, "--max-steps", "5")
     assert (part / CKPT_DIR / "latest").read_text().strip() == "step5"
-    assert max(losses(part)) and len(losses(part)) == 5
+    # the interrupted run logged exactly steps 1..5, each a real loss (finite, positive) and the uninterrupted
+    # run's own (the same trajectory up to the checkpoint)
+    first = losses(part)
+    assert sorted(first) == [1, 2, 3, 4, 5], first
+    assert all(math.isfinite(v) and v > 0 for v in first.values()), first
+    for s in first:
+        assert first[s] == pytest.approx(losses(full)[s], rel=1e-5), (s, first[s], losses(full)[s])
     run(tables, part, *args, "--resume")
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 13))
