@@ -452,7 +452,6 @@ def time_finetune(dataset, fcfg, ranks: int, device: torch.device, graph_dim: in
     info = {"micro_batch": micro, "grad_accum": gas, "micro_step_plain_s": micro_s, "build_s": build_s,
             "step_factor": FT_STEP_FACTOR[kind], "eval_factor": FT_EVAL_FACTOR[kind],
             "launch_s": FT_LAUNCH_S[kind], "steps_per_epoch": full, **_prefixed("eval_", ev)}
-    del model, opt
     return cost, evaluate_s, info
 
 

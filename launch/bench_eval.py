@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import importlib.util
 import math
 import platform
 import sys
@@ -78,11 +79,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-except ImportError:  # a checkout that is neither installed nor on PYTHONPATH (kernels/: hellm_kernels' root)
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# a plain checkout (not installed): its two source roots, the repository (hellm_ds) and kernels/ (hellm_kernels),
+# each added only when that package is not importable already
+for _name, _src in (("hellm_ds", REPO_ROOT), ("hellm_kernels", REPO_ROOT / "kernels")):
+    if importlib.util.find_spec(_name) is None:
+        sys.path.append(str(_src))
+
+from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync  # noqa: E402
 
 from hellm_ds.data.batching import NextItemExamples
 from hellm_ds.data.dataset import Dataset, load_dataset

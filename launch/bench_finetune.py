@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
+import importlib.util
 import math
 import statistics
 import sys
@@ -59,15 +60,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-try:
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-except ImportError:  # a checkout that is neither installed nor on PYTHONPATH (kernels/: hellm_kernels' root)
-    sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "kernels")]
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+# a plain checkout (not installed): its two source roots, the repository (hellm_ds) and kernels/ (hellm_kernels),
+# each added only when that package is not importable already
+for _name, _src in (("hellm_ds", REPO_ROOT), ("hellm_kernels", REPO_ROOT / "kernels")):
+    if importlib.util.find_spec(_name) is None:
+        sys.path.append(str(_src))
+
+from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync  # noqa: E402
 
 METHODS = ("hellm", "hf_peft")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

@@ -63,13 +63,14 @@ from typing import Callable
 
 import torch
 
-try:
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-except ImportError:  # run from a checkout that is neither installed nor on PYTHONPATH
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# a plain checkout (not installed): its two source roots, the repository (hellm_ds) and kernels/ (hellm_kernels),
+# each added only when that package is not importable already
+for _name, _src in (("hellm_ds", REPO_ROOT), ("hellm_kernels", REPO_ROOT / "kernels")):
+    if importlib.util.find_spec(_name) is None:
+        sys.path.append(str(_src))
+
+from hellm_ds.utils.bench import device_name, fmt_cell, max_rss_mb, sync  # noqa: E402
 
 SIZE_PRESETS: dict[str, list[tuple[int, int, int]]] = {
     "tiny": [(2_000, 600, 16_000), (500, 200, 3_000)],  # tests
@@ -91,10 +92,6 @@ TARGET_U2U_OVER_SPMM = 2.0
 @functools.cache
 def project() -> types.SimpleNamespace:
     """The project's API, importable from an installed package or from a plain checkout on PYTHONPATH."""
-    # a plain checkout: the repository root holds hellm_ds/, kernels/ is the kernel package's source root
-    for name, root in (("hellm_ds", REPO_ROOT), ("hellm_kernels", REPO_ROOT / "kernels")):
-        if importlib.util.find_spec(name) is None:
-            sys.path.append(str(root))
     from hellm_ds.data.dataset import load_dataset
     from hellm_ds.graph.build import GraphConfig, build_graphs
     from hellm_ds.graph.csr import CSR, index_dtype

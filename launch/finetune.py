@@ -10,12 +10,13 @@ from importlib.util import find_spec
 from pathlib import Path
 
 if __name__ == "__main__":
-    if find_spec("hellm_ds") is None:
-        # a checkout that is not pip-installed: Python puts this script's folder (launch/) on sys.path, not
-        # the checkout, so `import hellm_ds` worked only with PYTHONPATH=. from the repository root. Import
-        # this checkout's packages wherever the launcher runs (an installed hellm_ds is used as it is).
-        root = Path(__file__).resolve().parents[1]
-        sys.path[:0] = [str(root), str(root / "kernels")]
+    # a checkout that is not pip-installed: Python puts this script's folder (launch/) on sys.path, not the
+    # checkout; add its two source roots, the repository (hellm_ds) and kernels/ (hellm_kernels), each only
+    # when that package is not importable already (an installed one is used as it is)
+    root = Path(__file__).resolve().parents[1]
+    for name, src in (("hellm_ds", root), ("hellm_kernels", root / "kernels")):
+        if find_spec(name) is None:
+            sys.path.append(str(src))
     import torch
 
     if not torch.cuda.is_available():
