@@ -64,3 +64,11 @@ def test_wheel_install_ships_the_configs(tmp_path):
     package, config = json.loads(out)
     assert Path(package).is_relative_to(site) and Path(config).is_relative_to(site)
     assert Path(config).read_text() == (ROOT / "ds_configs" / "zero3.json").read_text()
+    # the wheel carries the kernel package too, and from the repository root (cwd first on sys.path) neither
+    # it nor transformers' `kernels` import comes from the checkout's folders
+    code = ("import json, kernels, hellm_kernels, transformers.models.llama.modeling_llama; "
+            "print(json.dumps([hellm_kernels.__file__, kernels.__file__]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True,
+                         text=True).stdout
+    ours, hf = map(Path, json.loads(out))
+    assert ours.is_relative_to(site) and not hf.is_relative_to(ROOT / "kernels")
