@@ -45,6 +45,7 @@ comparison table) on stdout and the table on stderr.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -132,7 +133,7 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _key(inputs: dict) -> str:
+def inputs_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -158,7 +159,7 @@ def downstream(stage: str) -> set[str]:
     return out
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
@@ -166,7 +167,7 @@ class Stage:
     """One stage's directory, its inputs and whether it is already done for them."""
 
     def __init__(self, root: Path, name: str, inputs: dict):
-        self.name, self.dir, self.inputs, self.key = name, root / name, inputs, _key(inputs)
+        self.name, self.dir, self.inputs, self.key = name, root / name, inputs, inputs_key(inputs)
 
     def done(self) -> dict | None:
         st = read_stamp(self.dir)
@@ -234,7 +235,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     fp = dataset.fingerprint
     for s in sorted(set().union(*(downstream(r) for r in cfg.redo)) if cfg.redo else ()):
         if (root / s).exists():
-            _say(f"--redo: clearing {root / s}")
+            say(f"--redo: clearing {root / s}")
             shutil.rmtree(root / s)
     results: dict[str, dict] = {}
     seconds: dict[str, float] = {}  # each stage's wall time (a skipped one: when it ran, from its stamp)
@@ -243,11 +244,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         st = Stage(root, name, {"dataset": fp, **inputs})
         prev = st.done()
         if prev is not None:
-            _say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
+            say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
             results[name] = prev
             seconds[name] = (read_stamp(st.dir) or {}).get("seconds")
             return prev
-        _say(f"{name}: running → {st.dir}")
+        say(f"{name}: running → {st.dir}")
         t0 = time.time()
         res = st.finish(fn(st.dir), time.time() - t0)
         results[name] = res
@@ -266,9 +267,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from hellm_ds.graph.build import GraphConfig, load_or_build
 
     gcfg = GraphConfig(knn_k=cfg.knn_k)
+    # built (or loaded) once in this process, for the graphs stage, the plan's timing and graph pre-training
+    cached_graphs = functools.cache(lambda: load_or_build(dataset, gcfg, root / "graphs"))
 
-    def graphs(d: Path) -> dict:
-        return load_or_build(dataset, gcfg, d).sizes(exact_products=False)
+    def graphs(d: Path) -> dict:  # d is root / "graphs"
+        return cached_graphs().sizes(exact_products=False)
 
     stage("graphs", {"knn_k": cfg.knn_k}, graphs)
 
@@ -282,7 +285,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     ranks = cfg.ranks or default_ranks()
     cfg, plan = apply_plan(cfg, dataset=dataset, root=root, cuda=torch.cuda.is_available(), ranks=ranks,
                            model=model, scope=scope, head=head, ds_json=ds_json,
-                           graphs=lambda: load_or_build(dataset, gcfg, root / "graphs"),
+                           graphs=cached_graphs,
                            spent={k: seconds[k] or 0.0 for k in ("popularity", "graphs")})
     threads = torch.get_num_threads()
     if plan is not None and plan.get("threads"):
@@ -297,8 +300,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def graph(d: Path) -> dict:
         resume = (d / "checkpoint_last.pt").is_file()
         if resume:
-            _say("graph: resuming an interrupted run")
-        g = load_or_build(dataset, gcfg, root / "graphs")
+            say("graph: resuming an interrupted run")
+        g = cached_graphs()
         res = train_graph(dataset, graph_cfg, d, resume=resume, progress=cfg.progress, graphs=g)
         return {**res, "export": str(d / GRAPH_EXPORT)}
 
@@ -313,7 +316,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def sasrec(d: Path) -> dict:
         resume = any(d.glob("checkpoint*"))
         if resume:
-            _say("sasrec: resuming an interrupted run")
+            say("sasrec: resuming an interrupted run")
         res = train_sasrec(dataset, seq_cfg, d, resume=resume, progress=cfg.progress)
         return {**res, "export": str(d / SEQ_EXPORT)}
 
@@ -334,7 +337,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
 
         resume = (d / "checkpoints" / "latest").is_file()
         if resume:
-            _say("finetune: resuming from the latest checkpoint")
+            say("finetune: resuming from the latest checkpoint")
         argv = ["--data", str(Path(cfg.data).resolve()), "--graph-emb", str(graph_emb), "--seq-emb",
                 str(seq_emb), "--out", str(d), "--deepspeed_config", str(ds_config)]
         for k, v in ft_args.items():
@@ -394,7 +397,7 @@ def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool =
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
                str(free_port()), "--module", "hellm_ds.train", *argv]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    _say("launch: " + " ".join(cmd[1:4] + ["…"]) + f" ({ranks} rank{'s' if ranks > 1 else ''}, "
+    say("launch: " + " ".join(cmd[1:4] + ["…"]) + f" ({ranks} rank{'s' if ranks > 1 else ''}, "
          f"{'GPU' if cuda else 'CPU'}; log {log_path})")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)

@@ -55,7 +55,6 @@ inputs, delete ``RUN/plan.json`` (stages whose settings then change are refused 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import os
@@ -68,6 +67,8 @@ import numpy as np
 import torch
 
 from hellm_ds.errors import UsageError
+from hellm_ds.pipeline import inputs_key, say  # the pipeline imports this module lazily: no cycle
+from hellm_ds.utils.bench import sync
 from hellm_ds.utils.io import write_json_atomic
 
 PLAN_NAME = "plan.json"
@@ -88,10 +89,6 @@ MIN_FT_STEPS = 50  # optimiser steps per fine-tuning epoch, at least (when the d
 FT_STEP_FACTOR = {"cpu": 4.5, "cpu1": 1.5, "cuda": 1.5}
 FT_EVAL_FACTOR = {"cpu": 2.5, "cpu1": 1.0, "cuda": 1.5}
 FT_LAUNCH_S = {"cpu": 35.0, "cpu1": 10.0, "cuda": 60.0}
-
-
-def _say(msg: str) -> None:
-    print(f"[pipeline] {msg}", file=sys.stderr, flush=True)
 
 
 # ---- when a plan applies ---------------------------------------------------------------------------------
@@ -256,21 +253,16 @@ def decide(budget_s: float, spent_s: float, evaluate_s: float, graph: EpochCost,
 
 
 # ---- timing ----------------------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn, device: torch.device, warmup: int = 1, reps: int = 3, max_s: float = 15.0
            ) -> tuple[float, float]:
     """(median seconds of ``fn()`` over ``reps`` calls after ``warmup``, the first call's seconds); fewer
     calls when they are slow (at least one timed)."""
     times, first, t_start = [], None, time.perf_counter()
     for i in range(warmup + reps):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         dt = time.perf_counter() - t
         first = dt if first is None else first
         if i >= warmup:
@@ -471,13 +463,9 @@ def plan_inputs(cfg, dataset, budget_min: float, cuda: bool, ranks: int, model: 
             "item_head": head, "deepspeed_config": ds_json, **{k: getattr(cfg, k) for k in keep}}
 
 
-def _key(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def recorded_plan(root: Path, inputs: dict) -> dict | None:
     """The plan recorded in ``root`` for ``inputs``: ``plan.json``, or an earlier ``plan-<key>.json``."""
-    key = _key(inputs)
+    key = inputs_key(inputs)
     for p in (root / PLAN_NAME, root / f"plan-{key[:16]}.json"):
         try:
             plan = json.loads(p.read_text())
@@ -551,7 +539,7 @@ def make_plan(*, inputs: dict, budget_min: float, dataset, graphs, graph_cfg, se
     d = decide(budget_min * 60, sum(spent.values()), evaluate_s, g_cost, s_cost, f_cost, explicit)
     costs = {"graph": asdict(g_cost), "sasrec": asdict(s_cost), "finetune": asdict(f_cost),
              "evaluate_s": evaluate_s}
-    return {"key": _key(inputs), "inputs": inputs, "budget_minutes": budget_min,
+    return {"key": inputs_key(inputs), "inputs": inputs, "budget_minutes": budget_min,
             "plan_seconds": round(plan_s, 2),
             "threads": None if cuda else chosen,
             "spent": {k: round(v, 2) for k, v in spent.items()}, "settings": d["settings"],
@@ -627,7 +615,7 @@ def apply_plan(cfg, *, dataset, root: Path, cuda: bool, ranks: int, model: str, 
     plan = recorded_plan(root, inputs)
     reused = plan is not None
     if plan is None:
-        _say(f"planning for a {budget:g}-minute budget: timing a few steps of each stage …")
+        say(f"planning for a {budget:g}-minute budget: timing a few steps of each stage …")
         base = with_default_epochs(cfg)
         fcfg = FinetuneConfig(data=cfg.data, graph_emb="", seq_emb="", out="", model=model,
                               deepspeed_config=cfg.deepspeed_config, epochs=base.ft_epochs,

@@ -702,8 +702,6 @@ def build_parser() -> argparse.ArgumentParser:
         "attn_implementation": (str, "transformers attention kernel", ATTN_IMPLEMENTATIONS),
         "seed": (int, "random seed"),
     }
-    # "auto" is resolved against --model after parsing, not here
-    defaults.update(trainable_scope="auto", item_head="auto")
     for name, (typ, text, *choices) in options.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=defaults[name], help=text,
                        choices=choices[0] if choices else None,
