@@ -14,6 +14,21 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # kernel tests: the GPU when there is one
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cold_torch_extensions(tmp_path_factory) -> Path:
+    """An empty JIT-extension cache for the whole session, inherited by every subprocess: as on CI's fresh
+    machine, nothing is found pre-built in ~/.cache/torch_extensions (a DeepSpeed op the trainer compiled
+    at start-up once made every stage-2 test time out there while passing on a warm developer machine)."""
+    path = tmp_path_factory.mktemp("torch_extensions")
+    old = os.environ.get("TORCH_EXTENSIONS_DIR")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
+    else:
+        os.environ["TORCH_EXTENSIONS_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset directory (the embedded default, shrunk)."""

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 
 from hellm_ds.cli import main
 from hellm_ds.utils.io import removed_if_left_empty
+from tests.train.common import run_group
 
 
 def test_removed_if_left_empty(tmp_path):
@@ -64,9 +64,9 @@ def test_failed_finetune_leaves_no_output_directory(tables, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     out = tmp_path / "new" / "ft"
-    p = subprocess.run([sys.executable, "-m", "hellm_ds", "finetune", "--data", str(data), "--graph-emb",
-                        str(tmp_path / "absent.safetensors"), "--seq-emb", str(seq), "--out", str(out),
-                        "--no-progress"], capture_output=True, text=True, timeout=300, env=env)
+    p = run_group([sys.executable, "-m", "hellm_ds", "finetune", "--data", str(data), "--graph-emb",
+                   str(tmp_path / "absent.safetensors"), "--seq-emb", str(seq), "--out", str(out),
+                   "--no-progress"], env=env, timeout=300)
     assert p.returncode == 2 and "absent.safetensors" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "new").exists()
 

@@ -7,7 +7,6 @@ tiny synthetic dataset."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from hellm_ds.utils.progress import progress_bar, progress_line
 from hellm_ds.utils.verbosity import launcher_line_shown
-from tests.train.common import ROOT, launcher_env
+from tests.train.common import launcher_env, run_group
 
 EPOCHS = 2
 FINETUNE = ["--model", "tiny", "--prefix-len", "3", "--lora-r", "4", "--micro-batch-size", "8",
@@ -24,9 +23,8 @@ FINETUNE = ["--model", "tiny", "--prefix-len", "3", "--lora-r", "4", "--micro-ba
 
 def hellm(*args) -> tuple[dict, str]:
     """Run ``hellm-ds ARGS``; its stdout parsed as one JSON object, and its stderr."""
-    p = subprocess.run([sys.executable, "-m", "hellm_ds", *map(str, args)], cwd=ROOT, env=launcher_env(),
-                       capture_output=True, timeout=300)
-    out, err = p.stdout.decode(), p.stderr.decode(errors="replace")
+    p = run_group([sys.executable, "-m", "hellm_ds", *map(str, args)], env=launcher_env(), timeout=300)
+    out, err = p.stdout, p.stderr
     assert p.returncode == 0, f"{args[0]}: exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
     res = json.loads(out)  # exactly one JSON value: anything printed before or after it fails here
     assert isinstance(res, dict), args[0]

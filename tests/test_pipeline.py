@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hellm_ds.pipeline import STAGES, STAMP, downstream
+from tests.train.common import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--max-len", "10", "--graph-epochs", "6", "--graph-eval-every", "3", "--graph-batch-size", "256",
@@ -22,8 +23,8 @@ FAST = ["--max-len", "10", "--graph-epochs", "6", "--graph-eval-every", "3", "--
 def pipeline(data: Path, out: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "hellm_ds", "pipeline", "--data", str(data), "--out", str(out),
-                        *FAST, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    p = run_group([sys.executable, "-m", "hellm_ds", "pipeline", "--data", str(data), "--out", str(out),
+                   *FAST, *args], env=env, timeout=900)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-5000:]}")
     return p

@@ -14,6 +14,7 @@ import pytest
 from hellm_ds.pipeline import STAGES, STAMP, PipelineConfig
 from hellm_ds.plan import (CPU_BUDGET_MINUTES, PLAN_NAME, EpochCost, StepCost, allocate, budget_minutes,
                            decide, with_default_epochs)
+from tests.train.common import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -92,9 +93,9 @@ def pipeline(data: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    p = subprocess.run([sys.executable, "-m", "hellm_ds", "pipeline", "--data", str(data), "--out", str(out),
-                        "--max-len", "10", "--ranks", "1", "--ft-micro-batch", "16", "--quiet", *args],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_group([sys.executable, "-m", "hellm_ds", "pipeline", "--data", str(data), "--out", str(out),
+                   "--max-len", "10", "--ranks", "1", "--ft-micro-batch", "16", "--quiet", *args],
+                  env=env, timeout=600)
     if p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-5000:]}")
     return p

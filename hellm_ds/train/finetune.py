@@ -196,6 +196,21 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total_steps: i
 
 
 # ---- distributed set-up ----------------------------------------------------------------------------------
+CPU_SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def skip_cpu_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU communication backend from JIT-compiling its shared-memory all-reduce op.
+
+    The op serves only DeepSpeed's inference all-reduce (AutoTP), never ZeRO training, yet the backend builds
+    it when it starts: minutes of C++ on a small machine whose ``~/.cache/torch_extensions`` is cold, and a
+    process killed mid-build leaves a lock that every later run waits on forever. Marked unavailable, the op
+    is skipped exactly as on a platform where it cannot build (the process group's all-reduce is used)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[CPU_SHM_COMM_OP] = False
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """``(rank, world, device)``; creates the process group (a world of one when RANK/WORLD_SIZE are
     unset)."""
@@ -211,6 +226,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
             # DeepSpeed's CPU accelerator counts this node's ranks from LOCAL_SIZE, which only its own
             # launcher sets; without it every ZeRO-3 step starts `numactl --hardware` to count NUMA nodes
             os.environ["LOCAL_SIZE"] = local_size
+        if not torch.cuda.is_available():
+            skip_cpu_shm_comm_build()
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,10 +42,28 @@ def run(tables, out: Path, *args, ranks: int = 1, config: Path = ZERO3, check: b
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(LAUNCH), *common]
-    p = subprocess.run(cmd, cwd=ROOT, env=launcher_env(), capture_output=True, text=True, timeout=240)
+    p = run_group(cmd, env=launcher_env(), timeout=240)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
+
+
+def run_group(cmd: list[str], *, env: dict, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a new process group that is killed whole on a timeout: a launcher's ranks (and
+    any compiler they started) must not outlive a test that gave up on them."""
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          errors="replace", start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            out, err = proc.communicate()
+            raise AssertionError(f"timed out after {timeout} s: {' '.join(map(str, cmd))}\n{out[-3000:]}\n"
+                                 f"{err[-5000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def log(out: Path) -> list[dict]:

@@ -77,11 +77,15 @@ def test_single_process_zero3_end_to_end_export_reload(tables, tmp_path):
             assert valid[proto][k] == pytest.approx(v, abs=1e-9), (proto, k)
 
 
-def test_two_ranks_deepspeed_launcher_partitioning(tables, tmp_path):
+def test_two_ranks_deepspeed_launcher_partitioning(tables, tmp_path, cold_torch_extensions):
     """`deepspeed --num_gpus 2` with DS_ACCELERATOR=cpu: two gloo ranks; every base parameter is partitioned
-    from construction on, each rank holds half of it, and none is visible outside forward."""
+    from construction on, each rank holds half of it, and none is visible outside forward. Nothing is
+    JIT-compiled on the way (DeepSpeed's CPU backend would build its inference-only shm op: minutes on a
+    fresh machine)."""
     out = tmp_path / "run"
     run(tables, out, "--epochs", "1", "--steps-per-epoch", "4", "--report-partitioning", ranks=2)
+    built = sorted(p.name for p in cold_torch_extensions.iterdir())
+    assert not built, f"JIT-compiled torch extensions: {built}"
     reps = [json.loads((out / "partitioning" / f"rank{r}.json").read_text()) for r in (0, 1)]
     n_base = 0
     for rep in reps:
