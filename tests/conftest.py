@@ -20,13 +20,9 @@ def cold_torch_extensions(tmp_path_factory) -> Path:
     machine, nothing is found pre-built in ~/.cache/torch_extensions (a DeepSpeed op the trainer compiled
     at start-up once made every stage-2 test time out there while passing on a warm developer machine)."""
     path = tmp_path_factory.mktemp("torch_extensions")
-    old = os.environ.get("TORCH_EXTENSIONS_DIR")
-    os.environ["TORCH_EXTENSIONS_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("TORCH_EXTENSIONS_DIR", None)
-    else:
-        os.environ["TORCH_EXTENSIONS_DIR"] = old
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
