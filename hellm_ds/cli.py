@@ -30,7 +30,7 @@ from dataclasses import fields
 from typing import Callable, Iterable, Sequence
 
 from hellm_ds.errors import DataFormatError, UsageError
-from hellm_ds.utils.cli_args import ArgumentParser, csv_choices, device_arg
+from hellm_ds.utils.cli_args import ArgumentParser, add_ties_arg, csv_choices, device_arg
 from hellm_ds.version import __version__
 
 
@@ -66,7 +66,7 @@ def cmd_baseline_popularity(args) -> dict:
     from hellm_ds.data.dataset import load_dataset
 
     ds = load_dataset(args.data, max_len=args.max_len)
-    return evaluate_popularity(ds, batch_size=args.batch_size, progress=not args.quiet)
+    return evaluate_popularity(ds, batch_size=args.batch_size, progress=not args.quiet, ties=args.ties)
 
 
 def cmd_build_graphs(args) -> dict:
@@ -122,7 +122,7 @@ def cmd_evaluate(args) -> dict:
     ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     return evaluate_checkpoint(args.checkpoint, ds, splits=splits, batch_size=args.batch_size,
-                               device=args.device, progress=not args.quiet, meta=meta)
+                               device=args.device, progress=not args.quiet, meta=meta, ties=args.ties)
 
 
 # ---- the parser --------------------------------------------------------------------------------------------
@@ -177,6 +177,7 @@ def _add_baseline(sub) -> None:
     b = bsub.add_parser("popularity", help="rank items by training-part popularity")
     _add_data_args(b)
     b.add_argument("--batch-size", type=int, default=1024, help="users ranked per batch")
+    add_ties_arg(b)
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_baseline_popularity)
 
@@ -218,6 +219,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="users scored per batch")
     p.add_argument("--device", type=device_arg, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_ties_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

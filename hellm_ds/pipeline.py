@@ -81,6 +81,8 @@ class PipelineConfig:
                                    "1: one plain process)")
     max_len: int = _opt(50, "keep each user's last N items")
     seed: int = _opt(0, "random seed of every stage")
+    ties: str = _opt("expected", "tie rule of every stage's metrics and selection: expected (mean over random "
+                                 "tie orders) or optimistic (in the target's favour, as the published numbers)")
     # graphs + graph pre-training
     knn_k: int = _opt(10, "kNN hyperedge size per item and modality (self included)")
     graph_preset: str | None = _opt(None, "the authors' tuned MMHCL hyper-parameters for a dataset "
@@ -206,7 +208,7 @@ def graph_train_config(cfg: PipelineConfig):
     preset = GRAPH_PRESETS.get(cfg.graph_preset, {}) if cfg.graph_preset else {}
     train_kw = {**preset.get("train", {}), "knn_k": cfg.knn_k, "epochs": cfg.graph_epochs,
                 "eval_every": cfg.graph_eval_every, "batch_size": cfg.graph_batch_size,
-                "time_budget": cfg.graph_time_budget, "seed": cfg.seed}
+                "time_budget": cfg.graph_time_budget, "seed": cfg.seed, "ties": cfg.ties}
     return GraphTrainConfig(model=MMHCLConfig(**preset.get("model", {})), **train_kw)
 
 
@@ -215,7 +217,7 @@ def sasrec_train_config(cfg: PipelineConfig):
     from hellm_ds.pretrain.train_sasrec import SASRecTrainConfig
 
     return SASRecTrainConfig(max_len=cfg.max_len, epochs=cfg.seq_epochs, eval_every=cfg.seq_eval_every,
-                             time_budget=cfg.seq_time_budget, seed=cfg.seed)
+                             time_budget=cfg.seq_time_budget, seed=cfg.seed, ties=cfg.ties)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
@@ -259,9 +261,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def popularity(d: Path) -> dict:
         from hellm_ds.baselines.popularity import evaluate_popularity
 
-        return evaluate_popularity(dataset, progress=cfg.progress)
+        return evaluate_popularity(dataset, progress=cfg.progress, ties=cfg.ties)
 
-    stage("popularity", {}, popularity)
+    stage("popularity", {"ties": cfg.ties}, popularity)
 
     # hypergraph structures
     from hellm_ds.graph.build import GraphConfig, load_or_build
@@ -328,7 +330,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     ft_args = {"model": model, "epochs": cfg.ft_epochs,  # model: a size name, or the directory resolved
                "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
                "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
-               "trainable_scope": scope, "item_head": head, "seed": cfg.seed}
+               "trainable_scope": scope, "item_head": head, "seed": cfg.seed, "ties": cfg.ties}
     ft_inputs = {"args": ft_args, "ranks": ranks, "deepspeed_config": ds_json,
                  "graph_emb": file_sha256(graph_emb), "seq_emb": file_sha256(seq_emb)}
 
@@ -359,12 +361,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def evaluate(d: Path) -> dict:
         from hellm_ds.train.evaluate import evaluate_checkpoint
 
-        return evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress)
+        return evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress, ties=cfg.ties)
 
-    stage("evaluate", {"finetune": Stage(root, "finetune", {"dataset": fp, **ft_inputs}).key}, evaluate)
+    stage("evaluate", {"finetune": Stage(root, "finetune", {"dataset": fp, **ft_inputs}).key, "ties": cfg.ties},
+          evaluate)
 
     table = comparison_table(results)
-    print(format_table(table), file=sys.stderr, flush=True)
+    print(format_table(table, cfg.ties), file=sys.stderr, flush=True)
     from hellm_ds.plan import format_report, plan_report
 
     torch.set_num_threads(threads)
@@ -372,7 +375,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if report is not None:
         print(format_report(report), file=sys.stderr, flush=True)
     return {"out": str(root), "ranks": ranks, "trainable_scope": scope, "item_head": head,
-            "seconds": round(time.time() - t_all, 1), "table": table, "plan": report,
+            "seconds": round(time.time() - t_all, 1), "ties": cfg.ties, "table": table, "plan": report,
             "stages": {k: results[k] for k in STAGES if k in results}}
 
 
@@ -413,7 +416,10 @@ def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool =
 
 
 def comparison_table(results: dict) -> list[dict]:
-    """Test-split rows (both protocols) for popularity, SASRec, graph-only and the fine-tuned model."""
+    """Test-split rows (both protocols) for popularity, SASRec, graph-only and the fine-tuned model; each
+    with the mean number of items tied with the target (a degenerate model shows there)."""
+    from hellm_ds.eval.metrics import MEAN_TIES
+
     rows = []
     for name, stage in (("popularity", "popularity"), ("SASRec", "sasrec"), ("graph (MMHCL)", "graph"),
                         ("HeLLM fine-tuned", "evaluate")):
@@ -423,19 +429,24 @@ def comparison_table(results: dict) -> list[dict]:
         for proto in ("paper", "filtered"):
             m = res["test"][proto]
             rows.append({"model": name, "protocol": proto,
-                         **{k: m[k] for k in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20")}})
+                         **{k: m.get(k) for k in ("Recall@10", "NDCG@10", "Recall@20", "NDCG@20", MEAN_TIES)}})
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"\n{'model':<18} {'protocol':<9} {'R@10':>7} {'N@10':>7} {'R@20':>7} {'N@20':>7}   (test split)"]
+def format_table(rows: list[dict], ties: str = "expected") -> str:
+    from hellm_ds.eval.metrics import MEAN_TIES
+
+    lines = [f"\n{'model':<18} {'protocol':<9} {'R@10':>7} {'N@10':>7} {'R@20':>7} {'N@20':>7} {'ties':>7}   "
+             f"(test split; ties {ties})"]
     for r in rows:
+        tied = "" if r.get(MEAN_TIES) is None else f"{r[MEAN_TIES]:7.1f}"
         lines.append(f"{r['model']:<18} {r['protocol']:<9} {r['Recall@10']:7.4f} {r['NDCG@10']:7.4f} "
-                     f"{r['Recall@20']:7.4f} {r['NDCG@20']:7.4f}")
+                     f"{r['Recall@20']:7.4f} {r['NDCG@20']:7.4f} {tied}")
     return "\n".join(lines)
 
 
 def add_cli(sub) -> None:
+    from hellm_ds.eval.metrics import TIE_RULES
     from hellm_ds.llm.config import ITEM_HEADS, TRAINABLE_SCOPES
     from hellm_ds.pretrain.presets import GRAPH_PRESETS
     from hellm_ds.utils.cli_args import csv_choices
@@ -448,7 +459,7 @@ def add_cli(sub) -> None:
              "seq_time_budget": float, "graph_preset": str, "graph_epochs": int, "seq_epochs": int,
              "ft_epochs": int, "budget_minutes": float}
     choices = {"graph_preset": sorted(GRAPH_PRESETS), "trainable_scope": ("auto", *TRAINABLE_SCOPES),
-               "item_head": ("auto", *ITEM_HEADS)}
+               "item_head": ("auto", *ITEM_HEADS), "ties": TIE_RULES}
     for f in fields(PipelineConfig):
         if f.name in ("data", "out", "redo", "progress", "verbose"):
             continue

@@ -24,8 +24,8 @@ def test_synth_stats_popularity_roundtrip(tmp_path):
     assert stats["modalities"] == {"attributes": synth["modalities"]["attributes"], "image": 32, "text": 24}
     rc, out, _ = run_cli("baseline", "popularity", "--data", str(tmp_path / "d"), "--quiet")
     res = json.loads(out)
-    assert set(res) == {"valid", "test"}
-    for split in res.values():
+    assert set(res) == {"valid", "test", "ties"} and res["ties"] == "expected"
+    for split in (res["valid"], res["test"]):
         assert set(split) == {"paper", "filtered"}
         for m in ("Recall", "NDCG", "MRR", "Precision", "MAP"):
             for k in (5, 10, 20):

@@ -14,7 +14,8 @@ def popularity_scores(dataset: Dataset) -> torch.Tensor:
 
 
 def evaluate_popularity(dataset: Dataset, **kwargs) -> dict:
-    """Metrics JSON ``{"valid": {"paper": …, "filtered": …}, "test": …}`` of the popularity ranking."""
+    """Metrics JSON ``{"valid": {"paper": …, "filtered": …}, "test": …, "ties": rule}`` of the popularity
+    ranking (items with equal counts tie: the ``expected`` rule averages over their orders)."""
     counts = popularity_scores(dataset)[:, None]  # a 1-d "embedding" per item; users are all [1.0]
     return evaluate_splits(
         dataset,

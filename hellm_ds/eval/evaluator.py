@@ -8,7 +8,9 @@ A model is given as ``user_fn(batch) -> Tensor``, where ``batch`` is the left-pa
 
 Users are batched by history length (a sequence model's batch is padded to its longest history). Each
 rank evaluates a disjoint shard of users; sums are all-reduced, so the result does not depend on the
-world size. ``lockstep=True`` makes every rank run the same number of forward passes (ZeRO-3 gathers
+world size. Metrics follow a tie rule (``ties``: ``expected``, the default, or ``optimistic``; see
+``hellm_ds.eval.metrics``) and each protocol's result carries ``mean_ties``, the mean number of items tied
+with the target. ``lockstep=True`` makes every rank run the same number of forward passes (ZeRO-3 gathers
 parameters collectively in every forward); the filler samples are not counted.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from hellm_ds.data.batching import NextItemExamples, ShardedSampler, dist_rank_world
 from hellm_ds.data.dataset import Dataset
-from hellm_ds.eval.metrics import DEFAULT_KS, MetricAccumulator
+from hellm_ds.eval.metrics import DEFAULT_KS, MEAN_TIES, MetricAccumulator, check_tie_rule
 from hellm_ds.eval.ranking import PROTOCOLS, rank_targets, rank_targets_from_scores
 from hellm_ds.utils.progress import progress_bar
 
@@ -42,8 +44,10 @@ def evaluate(
     device: torch.device | str = "cpu",
     lockstep: bool = False,
     progress: bool = True,
+    ties: str = "expected",
 ) -> dict[str, dict[str, float]]:
-    """``{protocol: {"Recall@10": …, …}}`` for one split."""
+    """``{protocol: {"Recall@10": …, …, "mean_ties": …}}`` for one split under the tie rule ``ties``."""
+    check_tie_rule(ties)
     protocols = tuple(protocols)
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
@@ -59,8 +63,7 @@ def evaluate(
     n_batches = math.ceil(shard.size / batch_size)
     if lockstep:  # every rank runs as many batches as the largest shard needs
         n_batches = math.ceil(math.ceil(len(examples) / world) / batch_size)
-    acc = {p: MetricAccumulator(ks) for p in protocols}
-    tie_sum, tie_users = 0.0, 0
+    acc = {p: MetricAccumulator(ks, ties) for p in protocols}
     if item_vectors is not None:
         item_vectors = item_vectors.to(device)
         item_bias = None if item_bias is None else item_bias.to(device)
@@ -77,16 +80,20 @@ def evaluate(
         else:
             ranks = rank_targets_from_scores(out, batch["targets"], history)
         for p in protocols:
-            acc[p].add(ranks[p][:n_real])
-        tie_sum += float(ranks["ties"][:n_real].sum()) / max(dataset.n_items - 1, 1)
-        tie_users += n_real
-    if tie_users and tie_sum / tie_users > 0.5:
-        warnings.warn(f"{split}: on average the target ties with {100 * tie_sum / tie_users:.0f}% of the catalogue; "
-                      "ties count in the target's favour, so these metrics are meaningless (collapsed scores?)",
-                      stacklevel=2)
-    return {p: acc[p].result() for p in protocols}
+            acc[p].add(ranks[p][:n_real], ranks["ties"][p][:n_real])
+    res = {p: acc[p].result() for p in protocols}  # all-reduced: every rank sees the same tie count
+    tied = res[protocols[0]][MEAN_TIES] / max(dataset.n_items - 1, 1) if protocols else 0.0
+    if tied > 0.5:
+        what = ("expected over random tie orders, so close to chance" if ties == "expected"
+                else "counted in the target's favour (--ties optimistic), so these metrics are meaningless")
+        warnings.warn(f"{split}: on average the target ties with {100 * tied:.0f}% of the catalogue (collapsed "
+                      f"scores?); ties are {what}", stacklevel=2)
+    return res
 
 
-def evaluate_splits(dataset: Dataset, user_fn: UserFn, splits=("valid", "test"), **kwargs) -> dict:
-    """``{"valid": {protocol: metrics}, "test": {…}}`` — the JSON shape every ``hellm-ds`` command prints."""
-    return {s: evaluate(dataset, s, user_fn, **kwargs) for s in splits}
+def evaluate_splits(dataset: Dataset, user_fn: UserFn, splits=("valid", "test"), ties: str = "expected",
+                    **kwargs) -> dict:
+    """``{"valid": {protocol: metrics}, "test": {…}, "ties": rule}`` — the JSON shape every ``hellm-ds``
+    command prints (``ties`` names the rule that produced the metrics)."""
+    out = {s: evaluate(dataset, s, user_fn, ties=ties, **kwargs) for s in splits}
+    return {**out, "ties": ties}

@@ -1,16 +1,24 @@
 """Full ranking of every catalogue item, in chunks, without ever holding a users × items matrix.
 
-The rank of a target is the number of *other* items with a strictly higher score: ties count in the
-target's favour (an item scored exactly like the target does not push it down). Ties are decided on the
-computed scores: two items equal in exact arithmetic may differ in the last bit after a matmul, since BLAS
-accumulates in an order that depends on the column's position. An item whose score is NaN counts as higher
-(a broken model is never flattered), and a NaN target score is a miss.
+For each user the ranking yields two counts over the *other* catalogue items: ``h``, the items scored
+strictly higher than the target, and ``t``, the items scored exactly like it. The target's rank is then
+anywhere in ``h … h + t``; ``hellm_ds.eval.metrics`` turns the pair into metrics under a tie rule
+(``expected``: the mean over uniformly random tie-breaking, the default; ``optimistic``: rank ``h``, ties in
+the target's favour, as the authors' code ranks).
+
+Scores are compared in fp32 (or wider, if the inputs are): a bf16 model's user and item vectors are widened
+before the product, so ties are not manufactured by 8-bit mantissas. Ties are decided on the computed
+scores. The target's own score comes from a matrix product like the catalogue's (an element-wise product
+summed in another order differs in the last bit about half the time); BLAS may still round one dot product
+differently at another column position, so only scores exact in fp32 are sure to tie with equal ones. An
+item whose score is NaN counts as higher (a broken model is never flattered), and a NaN target score is a
+miss (``h = n_items``, ``t = 0``).
 
 Protocols (METHOD §6):
 - ``paper``: nothing is masked (the HeLLM authors' numbers).
-- ``filtered``: the user's input history (the truncated sequence the model reads) is masked out. A target
-  that also occurs in that history is then masked too and counts as a miss (rank = n_items); the Amazon sets
-  in S3-Rec layout have no such repeats.
+- ``filtered``: the user's input history (the truncated sequence the model reads) is masked out, from both
+  counts. A target that also occurs in that history is then masked too and counts as a miss (``h =
+  n_items``); the Amazon sets in S3-Rec layout have no such repeats.
 
 Item ids are 1..n_items; column/row 0 of score and item tables is padding and never ranked.
 """
@@ -19,28 +27,36 @@ from __future__ import annotations
 import torch
 
 PROTOCOLS = ("paper", "filtered")
+_TARGET_BLOCK = 256  # users per [block × block] product when scoring the targets
 
 
-def _count_higher(
+def ranking_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype scores are computed and compared in: fp32, or the input's if wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _count(
     scores: torch.Tensor,  # [B, C] scores of items lo..lo+C-1
     lo: int,
     target_scores: torch.Tensor,  # [B]
     targets: torch.Tensor,  # [B] item ids
     history: torch.Tensor | None,  # [B, L] item ids, 0 = padding
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(count for ``paper``, count for ``filtered`` or None, items tied with the target) in this chunk."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{protocol: (higher, tied)}`` counts of this chunk's items, the target itself excluded."""
     higher = ~(scores <= target_scores[:, None])  # NaN scores count as higher
+    tied = scores == target_scores[:, None]
     rows = torch.arange(scores.shape[0], device=scores.device)
     in_chunk = (targets >= lo) & (targets < lo + scores.shape[1])
-    tied = _row_count(scores == target_scores[:, None]) - in_chunk.long()
-    higher[rows[in_chunk], targets[in_chunk] - lo] = False  # the target never outranks itself
-    paper = _row_count(higher)
-    if history is None:
-        return paper, None, tied
-    hist_in = (history >= lo) & (history < lo + scores.shape[1]) & (history > 0)
-    r, c = hist_in.nonzero(as_tuple=True)
-    higher[r, history[r, c] - lo] = False
-    return paper, _row_count(higher), tied
+    higher[rows[in_chunk], targets[in_chunk] - lo] = False  # the target is neither above nor beside itself
+    tied[rows[in_chunk], targets[in_chunk] - lo] = False
+    out = {"paper": (_row_count(higher), _row_count(tied))}
+    if history is not None:
+        hist_in = (history >= lo) & (history < lo + scores.shape[1]) & (history > 0)
+        r, c = hist_in.nonzero(as_tuple=True)
+        higher[r, history[r, c] - lo] = False
+        tied[r, history[r, c] - lo] = False
+        out["filtered"] = (_row_count(higher), _row_count(tied))
+    return out
 
 
 def _row_count(mask: torch.Tensor) -> torch.Tensor:
@@ -51,12 +67,27 @@ def _row_count(mask: torch.Tensor) -> torch.Tensor:
 def score_chunks(user_vectors: torch.Tensor, item_vectors: torch.Tensor, item_bias: torch.Tensor | None,
                  chunk: int):
     """Yield ``(lo, scores [B, hi - lo])`` of items ``lo..hi-1`` (from 1: row 0 is padding), scores =
-    ``u · Wᵀ (+ b)`` in the users' dtype — the one item loop of full ranking and top-k."""
+    ``u · Wᵀ (+ b)`` in ``ranking_dtype`` (fp32 at least) — the one item loop of full ranking and top-k."""
+    dtype = ranking_dtype(user_vectors.dtype)
+    users = user_vectors.to(dtype)
     n_rows = item_vectors.shape[0]
     for lo in range(1, n_rows, chunk):
         hi = min(lo + chunk, n_rows)
-        s = user_vectors @ item_vectors[lo:hi].to(user_vectors.dtype).T
-        yield lo, (s if item_bias is None else s + item_bias[lo:hi])
+        s = users @ item_vectors[lo:hi].to(dtype).T
+        yield lo, (s if item_bias is None else s + item_bias[lo:hi].to(dtype))
+
+
+def target_scores(user_vectors: torch.Tensor, item_vectors: torch.Tensor, targets: torch.Tensor,
+                  item_bias: torch.Tensor | None) -> torch.Tensor:
+    """``u_b · W[target_b] (+ b)`` as the diagonal of a matrix product, like ``score_chunks``'s (see the module
+    docstring); user blocks keep the side product at block² elements."""
+    dtype = ranking_dtype(user_vectors.dtype)
+    out = torch.empty(user_vectors.shape[0], dtype=dtype, device=user_vectors.device)
+    for i in range(0, user_vectors.shape[0], _TARGET_BLOCK):
+        t = targets[i: i + _TARGET_BLOCK]
+        s = (user_vectors[i: i + _TARGET_BLOCK].to(dtype) @ item_vectors[t].to(dtype).T).diagonal()
+        out[i: i + _TARGET_BLOCK] = s if item_bias is None else s + item_bias[t].to(dtype)
+    return out
 
 
 def rank_targets(
@@ -66,49 +97,45 @@ def rank_targets(
     history: torch.Tensor | None = None,  # [B, L] item ids (0 = pad); needed for "filtered"
     item_bias: torch.Tensor | None = None,  # [n_items + 1]
     chunk_elems: int = 1 << 24,
-) -> dict[str, torch.Tensor]:
-    """0-based target ranks for scores ``user_vectors @ item_vectors.T (+ item_bias)``, item chunk by chunk
-    (memory O(B·chunk)). Returns ``{"paper": ranks}`` and, with ``history``, ``"filtered"`` too."""
+) -> dict:
+    """Counts for scores ``user_vectors @ item_vectors.T (+ item_bias)``, item chunk by chunk (memory
+    O(B·chunk)): ``{"paper": h, "ties": {"paper": t}}`` and, with ``history``, ``"filtered"`` entries too
+    (``h`` is the optimistic 0-based rank)."""
     n_items = item_vectors.shape[0] - 1
     B = user_vectors.shape[0]
     targets = targets.to(user_vectors.device)
-    t_vec = item_vectors[targets].to(user_vectors.dtype)
-    t_score = (user_vectors * t_vec).sum(-1)
-    if item_bias is not None:
-        t_score = t_score + item_bias[targets]
+    t_score = target_scores(user_vectors, item_vectors, targets, item_bias)
     chunk = max(1, chunk_elems // max(B, 1))
-    paper = torch.zeros(B, dtype=torch.long, device=user_vectors.device)
-    tied = torch.zeros_like(paper)
-    filtered = torch.zeros_like(paper) if history is not None else None
+    zeros = torch.zeros(B, dtype=torch.long, device=user_vectors.device)
+    totals = {p: [zeros.clone(), zeros.clone()] for p in (PROTOCOLS if history is not None else ("paper",))}
     for lo, s in score_chunks(user_vectors, item_vectors, item_bias, chunk):
-        p, f, t = _count_higher(s, lo, t_score, targets, history)
-        paper += p
-        tied += t
-        if filtered is not None:
-            filtered += f
-    return _finish(paper, filtered, tied, t_score, targets, history, n_items)
+        for p, (h, t) in _count(s, lo, t_score, targets, history).items():
+            totals[p][0] += h
+            totals[p][1] += t
+    return _finish(totals, t_score, targets, history, n_items)
 
 
 def rank_targets_from_scores(
     scores: torch.Tensor,  # [B, n_items + 1]; column 0 is padding
     targets: torch.Tensor,
     history: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The same ranks for a model that produces a dense score row per user (one user batch at a time)."""
+) -> dict:
+    """The same counts for a model that produces a dense score row per user (one user batch at a time)."""
     n_items = scores.shape[1] - 1
+    scores = scores.to(ranking_dtype(scores.dtype))
     targets = targets.to(scores.device)
     t_score = scores.gather(1, targets[:, None])[:, 0]
-    paper, filtered, tied = _count_higher(scores[:, 1:], 1, t_score, targets, history)
-    return _finish(paper, filtered, tied, t_score, targets, history, n_items)
+    totals = {p: list(c) for p, c in _count(scores[:, 1:], 1, t_score, targets, history).items()}
+    return _finish(totals, t_score, targets, history, n_items)
 
 
-def _finish(paper, filtered, tied, t_score, targets, history, n_items) -> dict[str, torch.Tensor]:
-    """Ranks per protocol, plus ``"ties"``: how many other items score exactly like the target (a model
-    whose scores collapse to a constant would otherwise look perfect; the evaluator warns about it)."""
-    nan = torch.isnan(t_score)
-    paper = torch.where(nan, n_items, paper)
-    out = {"paper": paper, "ties": tied}
-    if filtered is not None:
-        masked_target = (history == targets[:, None]).any(1)
-        out["filtered"] = torch.where(nan | masked_target, n_items, filtered)
+def _finish(totals, t_score, targets, history, n_items) -> dict:
+    """A NaN target score, or (``filtered``) a target masked as history, is a miss without ties."""
+    miss = {"paper": torch.isnan(t_score)}
+    if history is not None:
+        miss["filtered"] = miss["paper"] | (history == targets[:, None]).any(1)
+    out: dict = {"ties": {}}
+    for p, (h, t) in totals.items():
+        out[p] = torch.where(miss[p], n_items, h)
+        out["ties"][p] = torch.where(miss[p], 0, t)
     return out

@@ -30,6 +30,7 @@ import torch
 from hellm_ds.data.dataset import Dataset, load_dataset
 from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate_splits
+from hellm_ds.eval.metrics import TIE_RULES
 from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
 from hellm_kernels.spmm import BACKENDS
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
@@ -56,12 +57,20 @@ class GraphTrainConfig:
     patience: int = field(default=5, metadata={"help": "evaluations without improvement before stopping"})
     select_metric: str = "NDCG@10"
     select_protocol: str = "paper"
+    # best-epoch selection and early stopping use the reported rule (hellm_ds.eval.metrics)
+    ties: str = field(default="expected", metadata={
+        "help": "tie rule of the metrics: expected (mean over random tie orders) or optimistic",
+        "choices": TIE_RULES})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = "auto"
     backend: str = "auto"
     time_budget: float | None = field(default=None, metadata={  # across resumes
         "help": "seconds of training; stops after the epoch that crosses it"})
     eval_batch_size: int = 1024
+
+    def __post_init__(self):
+        if self.ties not in TIE_RULES:
+            raise UsageError(f"GraphTrainConfig: ties must be one of {TIE_RULES}, got {self.ties!r}")
 
 
 
@@ -183,7 +192,7 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
     model.load_state_dict(best_state)
     test = _evaluate(model, dataset, ("test",), cfg, device, progress)["test"]
     seconds = elapsed_before + time.time() - t0
-    result = {"valid": best_metrics, "test": test, "best_epoch": stopper.best_epoch, "epochs_run": epoch + 1,
+    result = {"valid": best_metrics, "test": test, "ties": cfg.ties, "best_epoch": stopper.best_epoch, "epochs_run": epoch + 1,
               "stop_reason": stop_reason, "seconds": round(seconds, 2),
               "train_seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None}
     user, item = model.embeddings()
@@ -211,12 +220,12 @@ def _evaluate(model: MMHCL, dataset: Dataset, splits, cfg: GraphTrainConfig, dev
     user, item = model.embeddings()
     items = torch.cat([item.new_zeros(1, item.shape[1]), item])
     return evaluate_splits(dataset, lambda b: user[b["users"]], splits=splits, item_vectors=items,
-                           batch_size=cfg.eval_batch_size, device=device, progress=progress)
+                           batch_size=cfg.eval_batch_size, device=device, progress=progress, ties=cfg.ties)
 
 
 # ---- command line -------------------------------------------------------------------------------------------
 def add_cli(sub) -> None:
-    from hellm_ds.utils.cli_args import device_arg
+    from hellm_ds.utils.cli_args import add_ties_arg, device_arg
 
     p = sub.add_parser("pretrain-graph", help="stage 1: hypergraph pre-training (MMHCL) → graph embeddings")
     p.add_argument("--data", required=True, help="dataset directory (sequences.txt, …)")
@@ -242,6 +251,7 @@ def add_cli(sub) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=text(f))
     p.add_argument("--device", type=device_arg, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_ties_arg(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="SpMM kernels (auto: triton on CUDA, torch otherwise)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint_last.pt")
@@ -260,7 +270,8 @@ def config_from_args(args: argparse.Namespace) -> GraphTrainConfig:
         v = getattr(args, name)
         if v is not None:
             train_kw[name] = v
-    return GraphTrainConfig(model=MMHCLConfig(**model_kw), device=args.device, backend=args.backend, **train_kw)
+    return GraphTrainConfig(model=MMHCLConfig(**model_kw), device=args.device, backend=args.backend,
+                            ties=args.ties, **train_kw)
 
 
 def _cmd(args) -> dict:

@@ -53,7 +53,7 @@ from hellm_ds.data.batching import left_pad
 from hellm_ds.data.dataset import Dataset, load_dataset
 from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate
-from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
+from hellm_ds.eval.metrics import DEFAULT_KS, METRICS, TIE_RULES
 from hellm_ds.eval.ranking import PROTOCOLS
 from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
 from hellm_ds.utils.device import resolve_device
@@ -91,6 +91,10 @@ class SASRecTrainConfig:
     patience: int = field(default=5, metadata={"help": "evaluations without a new best before stopping"})
     select_metric: str = "NDCG@10"
     select_protocol: str = "paper"
+    # best-epoch selection and early stopping use the reported rule (hellm_ds.eval.metrics)
+    ties: str = field(default="expected", metadata={
+        "help": "tie rule of the metrics: expected (mean over random tie orders) or optimistic",
+        "choices": TIE_RULES})
     seed: int = field(default=0, metadata={"help": "random seed"})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:N"})
     time_budget: float | None = field(default=None, metadata={  # counted across resumes
@@ -116,6 +120,7 @@ class SASRecTrainConfig:
             (self.eval_every >= 1, "eval_every must be ≥ 1"),
             (self.patience >= 1, "patience must be ≥ 1"),
             (self.select_protocol in PROTOCOLS, f"select_protocol must be one of {PROTOCOLS}"),
+            (self.ties in TIE_RULES, f"ties must be one of {TIE_RULES}"),
             (self.select_metric in {f"{m}@{k}" for m in METRICS for k in DEFAULT_KS},
              f"select_metric must be one of {METRICS} @ {DEFAULT_KS}"),
             (self.time_budget is None or self.time_budget > 0, "time_budget must be > 0 seconds"),
@@ -178,7 +183,7 @@ def _evaluate(model: SASRec, dataset: Dataset, split: str, cfg: SASRecTrainConfi
     model.eval()
     with torch.no_grad():
         return evaluate(dataset, split, model.user_vectors, item_vectors=model.item_embeddings(),
-                        batch_size=cfg.eval_batch_size, device=device, progress=progress)
+                        batch_size=cfg.eval_batch_size, device=device, progress=progress, ties=cfg.ties)
 
 
 def _cpu_copy(state: dict) -> dict:
@@ -330,6 +335,7 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
     result = {
         "valid": best_valid,
         "test": test,
+        "ties": cfg.ties,
         "best_epoch": stopper.best_epoch,
         "epochs_run": epoch,
         "stop_reason": stop_reason,
@@ -371,6 +377,7 @@ _CLI_FIELDS = {  # flag → (config field, type); the help text is the field's m
     "--eval-every": ("eval_every", int),
     "--seed": ("seed", int),
     "--device": ("device", str),
+    "--ties": ("ties", str),
     "--threads": ("num_threads", int),
 }
 
@@ -388,7 +395,7 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     for flag, (name, typ) in _CLI_FIELDS.items():
         f = config_fields[name]
         p.add_argument(flag, dest=name, type=device_arg if name == "device" else typ, default=None,
-                       help=f"{f.metadata['help']} (default: {str(f.default).replace('None', 'none')})")
+                       choices=f.metadata.get("choices"), help=f"{f.metadata['help']} (default: {str(f.default).replace('None', 'none')})")
     p.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_pretrain_seq)

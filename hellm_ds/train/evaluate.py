@@ -124,9 +124,9 @@ def load_run_dataset(checkpoint_dir: str | Path, data: str | Path, max_len: int 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batch_size: int = 256,
                         device: str | torch.device = "auto", progress: bool = False,
-                        meta: dict | None = None) -> dict:
-    """``{"valid": {"paper": {...}, "filtered": {...}}, "test": {...}}`` of the export in ``checkpoint_dir``
-    on ``dataset`` (which must be the run's; see the module docstring)."""
+                        meta: dict | None = None, ties: str = "expected") -> dict:
+    """``{"valid": {"paper": {...}, "filtered": {...}}, "test": {...}, "ties": rule}`` of the export in
+    ``checkpoint_dir`` on ``dataset`` (which must be the run's; see the module docstring)."""
     from hellm_ds.eval.evaluator import evaluate_splits
 
     splits = tuple(splits)
@@ -139,7 +139,8 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batc
     model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = model.item_scoring()
     return evaluate_splits(dataset, lambda batch: model.user_vectors(batch).float(), splits=splits,
-                           item_vectors=W, item_bias=b, batch_size=batch_size, device=dev, progress=progress)
+                           item_vectors=W, item_bias=b, batch_size=batch_size, device=dev, progress=progress,
+                           ties=ties)
 
 
 def run_max_len(checkpoint_dir: str | Path, meta: dict | None = None) -> int | None:

@@ -128,6 +128,7 @@ class FinetuneConfig:
     max_len: int = 50
     eval_batch_size: int = 256
     select_metric: str = "paper/NDCG@10"
+    ties: str = "expected"  # tie rule of every metric, the selection included (hellm_ds.eval.metrics)
     patience: int = 5
     skip_eval: bool = False
     # checkpoints
@@ -163,6 +164,10 @@ class FinetuneConfig:
         if "/" not in self.select_metric:
             raise UsageError(
                 f"select_metric is PROTOCOL/METRIC (e.g. paper/NDCG@10), got {self.select_metric!r}")
+        from hellm_ds.eval.metrics import TIE_RULES
+
+        if self.ties not in TIE_RULES:
+            raise UsageError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
         from hellm_ds.llm.backbone import check_model
         from hellm_ds.llm.config import resolve_scope_and_head
 
@@ -543,7 +548,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             W, b = hmodel.item_scoring()
         res = evaluate(dataset, split, lambda batch: hmodel.user_vectors(batch).float(), item_vectors=W,
                        item_bias=b, batch_size=cfg.eval_batch_size, device=device, lockstep=True,
-                       progress=show)
+                       progress=show, ties=cfg.ties)
         engine.train()
         return res
 
@@ -617,7 +622,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         # epoch's evaluation, and a resume must not overwrite the checkpoint ``latest`` names
         save(f"step{global_step}-end", epoch + 1, 0)
     results = {"best_epoch": best.get("epoch"), "valid": best.get("valid"), "test": best.get("test"),
-               "global_step": global_step, "stopped": stopped, "losses": losses,
+               "ties": cfg.ties, "global_step": global_step, "stopped": stopped, "losses": losses,
                "seconds": round(time.time() - t0, 2), "world_size": world, "zero_stage": stage}
     if stopped == "max_steps" and not (cfg.save_every and global_step % cfg.save_every == 0
                                        and s + 1 < steps_per_epoch):
@@ -664,7 +669,7 @@ def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from hellm_ds.eval.metrics import DEFAULT_KS, METRICS
+    from hellm_ds.eval.metrics import DEFAULT_KS, METRICS, TIE_RULES
     from hellm_ds.eval.ranking import PROTOCOLS
     from hellm_ds.llm.config import ATTN_IMPLEMENTATIONS, DTYPES, ITEM_HEADS, PREFIX_MODES, TRAINABLE_SCOPES
     from hellm_ds.utils.cli_args import ArgumentParser
@@ -703,6 +708,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval_batch_size": (int, "users per evaluation batch"),
         "select_metric": (str, "validation metric that picks the best epoch and drives early stopping "
                                "(e.g. filtered/Recall@20)", metrics),
+        "ties": (str, "how metrics count items scored exactly like the target: expected (mean over random tie "
+                      "orders) or optimistic (in the target's favour, as the published numbers)", TIE_RULES),
         "patience": (int, "validation epochs without a new best before stopping"),
         "save_every": (int, "optimiser steps between checkpoints (0: only at epoch ends)"),
         "keep_checkpoints": (int, "newest checkpoints kept"),

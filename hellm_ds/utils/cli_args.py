@@ -39,6 +39,15 @@ def device_arg(value: str) -> str:
     return value
 
 
+def add_ties_arg(p: argparse.ArgumentParser) -> None:
+    """``--ties``: the tie rule of every metric a command reports (imports torch: subcommand parsers only)."""
+    from hellm_ds.eval.metrics import TIE_RULES
+
+    p.add_argument("--ties", choices=TIE_RULES, default=TIE_RULES[0],
+                   help="how metrics count items scored exactly like the target: expected (mean over random "
+                        "tie orders) or optimistic (in the target's favour, as the published numbers)")
+
+
 def csv_choices(choices: Iterable[str], allow_empty: bool = False) -> Callable[[str], str]:
     """``type=`` for a comma-separated subset of ``choices`` (the string itself is returned). argparse also
     passes a string default through it, hence ``allow_empty`` for a default of ""."""

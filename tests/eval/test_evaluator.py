@@ -24,7 +24,8 @@ def test_factorised_equals_dense_scores(synth_dir):
     users, items = _model(ds)
     a = evaluate_splits(ds, lambda b: users[b["users"]], item_vectors=items, batch_size=97, progress=False)
     b = evaluate_splits(ds, lambda b: users[b["users"]] @ items.T, batch_size=64, progress=False)
-    for split in a:
+    assert a["ties"] == b["ties"] == "expected"  # the results name their tie rule
+    for split in ("valid", "test"):
         for proto in a[split]:
             for k in a[split][proto]:
                 assert a[split][proto][k] == pytest.approx(b[split][proto][k], abs=1e-12)
@@ -80,9 +81,16 @@ def test_two_ranks_equal_one(synth_dir, tmp_path):
     assert c0.sum() + c1.sum() >= len(ds.split("valid"))
 
 
-def test_collapsed_scores_are_flagged(synth_dir):
+def test_collapsed_scores_get_chance_and_are_flagged(synth_dir):
     ds = load_dataset(synth_dir)
     items = torch.zeros(ds.n_items + 1, 4)
+    user_fn = lambda b: torch.zeros(b["users"].numel(), 4)  # noqa: E731
+    with pytest.warns(UserWarning, match="close to chance"):
+        res = evaluate(ds, "test", user_fn, item_vectors=items, progress=False)
+    assert res["paper"]["Recall@5"] == pytest.approx(5 / ds.n_items)  # the default: expected over tie orders
+    assert res["paper"]["mean_ties"] == ds.n_items - 1
     with pytest.warns(UserWarning, match="meaningless"):
-        res = evaluate(ds, "test", lambda b: torch.zeros(b["users"].numel(), 4), item_vectors=items, progress=False)
-    assert res["paper"]["Recall@5"] == 1.0  # ties in the target's favour, as documented: hence the warning
+        res = evaluate(ds, "test", user_fn, item_vectors=items, progress=False, ties="optimistic")
+    assert res["paper"]["Recall@5"] == 1.0  # ties in the target's favour: hence the warning
+    with pytest.raises(ValueError, match="tie rule"):
+        evaluate(ds, "test", user_fn, item_vectors=items, progress=False, ties="pessimistic")

@@ -1,29 +1,40 @@
-"""Every metric, both protocols, against a naive per-user Python reference on random scores."""
+"""Every metric, both protocols and both tie rules, against naive per-user Python references: a sort with
+the target's possible positions averaged, and (small catalogues) every tie-break order enumerated."""
+import itertools
 import math
 
 import pytest
 import torch
 
-from hellm_ds.eval.metrics import DEFAULT_KS, MetricAccumulator
+from hellm_ds.eval.metrics import DEFAULT_KS, MEAN_TIES, TIE_RULES, MetricAccumulator
 from hellm_ds.eval.ranking import rank_targets, rank_targets_from_scores
 
 
-def naive_metrics(scores_row, target, history, protocol, ks=DEFAULT_KS):
-    """Sort the catalogue, ties in the target's favour, and compute each metric by its definition."""
+def naive_metrics(scores_row, target, history, protocol, ks=DEFAULT_KS, rule="optimistic"):
+    """Count the items above and beside the target; optimistic: the target first among its ties; expected:
+    each metric averaged over the target's possible positions."""
     n_items = len(scores_row) - 1
     masked = set(history) if protocol == "filtered" else set()
+    above = tied = 0
     if target in masked or math.isnan(scores_row[target]):
-        rank = n_items
+        above = n_items
     else:
         t = scores_row[target]
-        rank = 0
         for item in range(1, n_items + 1):
             if item == target or item in masked:
                 continue
             s = scores_row[item]
             if math.isnan(s) or s > t:
-                rank += 1
-    # ranked list: `rank` items above the target, then the target at position rank (0-based)
+                above += 1
+            elif s == t:
+                tied += 1
+    positions = [above] if rule == "optimistic" else range(above, above + tied + 1)
+    runs = [metrics_at_rank(r, ks) for r in positions]
+    return {k: sum(m[k] for m in runs) / len(runs) for k in runs[0]}
+
+
+def metrics_at_rank(rank, ks=DEFAULT_KS):
+    """Each metric by its definition for a ranked list with the target at 0-based position ``rank``."""
     out = {}
     for k in ks:
         relevant_at = [rank] if rank < k else []
@@ -57,25 +68,113 @@ def random_case(seed, B=40, n_items=37, d=5, ties=False, nan=False):
     return users, items, targets, history, scores
 
 
+def mean_naive(scores, targets, history, protocol, rule, ks=DEFAULT_KS):
+    ref = {}
+    for b in range(len(targets)):
+        m = naive_metrics(scores[b].tolist(), int(targets[b]), history[b][history[b] > 0].tolist(), protocol,
+                          ks, rule)
+        for k, v in m.items():
+            ref[k] = ref.get(k, 0.0) + v / len(targets)
+    return ref
+
+
+def accumulate(ranks, protocol, rule, ks=DEFAULT_KS):
+    acc = MetricAccumulator(ks, rule)
+    acc.add(ranks[protocol], ranks["ties"][protocol])
+    return acc.result()
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("ties", [False, True])
-def test_metrics_match_naive_reference(seed, ties):
+@pytest.mark.parametrize("rule", TIE_RULES)
+def test_metrics_match_naive_reference(seed, ties, rule):
     users, items, targets, history, scores = random_case(seed, ties=ties)
     ranks = rank_targets(users, items, targets, history, chunk_elems=40 * 7)  # several item chunks
     dense = rank_targets_from_scores(scores, targets, history)
     for protocol in ("paper", "filtered"):
         torch.testing.assert_close(ranks[protocol], dense[protocol])
-        acc = MetricAccumulator()
-        acc.add(ranks[protocol])
-        got = acc.result()
-        ref = {}
-        for b in range(len(targets)):
-            m = naive_metrics(scores[b].tolist(), int(targets[b]), history[b][history[b] > 0].tolist(), protocol)
-            for k, v in m.items():
-                ref[k] = ref.get(k, 0.0) + v / len(targets)
-        assert got.keys() == ref.keys()
+        torch.testing.assert_close(ranks["ties"][protocol], dense["ties"][protocol])
+        got = accumulate(ranks, protocol, rule)
+        ref = mean_naive(scores, targets, history, protocol, rule)
+        assert got.keys() == ref.keys() | {MEAN_TIES}
         for k in ref:
             assert got[k] == pytest.approx(ref[k], abs=1e-12), (protocol, k)
+    if ties:  # the integer case has real ties, so the rules must disagree
+        assert accumulate(ranks, "paper", "expected")["NDCG@10"] < accumulate(ranks, "paper", "optimistic")["NDCG@10"]
+
+
+def brute_force_expected(scores_row, target, history, protocol, ks):
+    """Every ordering of the unmasked catalogue that sorts its scores (NaN first), all equally likely."""
+    n_items = len(scores_row) - 1
+    masked = set(history) if protocol == "filtered" else set()
+    if target in masked or math.isnan(scores_row[target]):
+        return metrics_at_rank(n_items, ks)
+    key = [math.inf if math.isnan(scores_row[i]) else scores_row[i] for i in range(n_items + 1)]
+    pool = [i for i in range(1, n_items + 1) if i not in masked]
+    runs = [metrics_at_rank(order.index(target), ks) for order in itertools.permutations(pool)
+            if all(key[a] >= key[b] for a, b in zip(order, order[1:]))]
+    return {k: sum(m[k] for m in runs) / len(runs) for k in runs[0]}
+
+
+def small_scorer(kind, seed, B=6, n_items=7):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "constant":
+        scores = torch.full((B, n_items + 1), 0.25)
+    elif kind == "two-level":
+        scores = torch.randint(0, 2, (B, n_items + 1), generator=g).float()
+    else:  # bf16-quantised: values within 3 % of 1 land on 4 or 5 bf16 levels (spacing 2^-7)
+        scores = (1 + 0.03 * torch.rand(B, n_items + 1, generator=g)).to(torch.bfloat16)
+    targets = torch.randint(1, n_items + 1, (B,), generator=g)
+    history = torch.randint(0, n_items + 1, (B, 3), generator=g)
+    history[0] = torch.tensor([0, 0, 0])
+    history[1, -1] = targets[1]  # a repeat purchase: a miss under "filtered"
+    return scores, targets, history
+
+
+@pytest.mark.parametrize("kind", ["constant", "two-level", "bf16"])
+@pytest.mark.parametrize("seed", range(2))
+def test_expected_rule_equals_every_tie_break_order(kind, seed):
+    scores, targets, history = small_scorer(kind, seed)
+    ks = (1, 3, 5)
+    ranks = rank_targets_from_scores(scores, targets, history)
+    for protocol in ("paper", "filtered"):
+        got = accumulate(ranks, protocol, "expected", ks)
+        ref = {}
+        for b in range(len(targets)):
+            row = scores[b].float().tolist()
+            m = brute_force_expected(row, int(targets[b]), history[b][history[b] > 0].tolist(), protocol, ks)
+            for k, v in m.items():
+                ref[k] = ref.get(k, 0.0) + v / len(targets)
+        for k in ref:
+            assert got[k] == pytest.approx(ref[k], abs=1e-12), (kind, protocol, k)
+
+
+def test_constant_scorer_gets_chance_not_a_perfect_score():
+    n_items = 50
+    # every item scores the same; integer vectors make each product exact whatever BLAS's summation order
+    users = torch.randint(-3, 4, (8, 4)).float()
+    items = torch.tensor([[1.0, -2.0, 0.0, 3.0]]).expand(n_items + 1, 4)
+    ranks = rank_targets(users, items, torch.randint(1, n_items + 1, (8,)), chunk_elems=8 * 7)
+    assert ranks["ties"]["paper"].tolist() == [n_items - 1] * 8
+    expected, optimistic = accumulate(ranks, "paper", "expected"), accumulate(ranks, "paper", "optimistic")
+    for k in DEFAULT_KS:
+        assert expected[f"Recall@{k}"] == pytest.approx(k / n_items)
+        assert optimistic[f"Recall@{k}"] == 1.0
+    assert expected[MEAN_TIES] == optimistic[MEAN_TIES] == n_items - 1
+
+
+def test_low_precision_vectors_are_ranked_in_fp32():
+    g = torch.Generator().manual_seed(5)
+    users = torch.randn(16, 32, generator=g).bfloat16()
+    items = torch.randn(301, 32, generator=g).bfloat16()
+    targets = torch.randint(1, 301, (16,), generator=g)
+    low = rank_targets(users, items, targets)
+    wide = rank_targets(users.float(), items.float(), targets)
+    assert torch.equal(low["paper"], wide["paper"]) and torch.equal(low["ties"]["paper"], wide["ties"]["paper"])
+    # the same scores rounded to bf16 tie massively: what ranking in the model's dtype would have reported
+    coarse = rank_targets_from_scores(torch.cat([torch.zeros(16, 1), users.float() @ items[1:].float().T], 1)
+                                      .bfloat16(), targets)
+    assert coarse["ties"]["paper"].sum() > wide["ties"]["paper"].sum()
 
 
 def test_nan_scores_never_flatter():
@@ -85,17 +184,28 @@ def test_nan_scores_never_flatter():
     assert ranks["paper"][2] == n_items  # NaN target score → miss
     for protocol in ("paper", "filtered"):
         for b in range(len(targets)):
-            ref = naive_metrics(scores[b].tolist(), int(targets[b]), history[b][history[b] > 0].tolist(), protocol)
-            acc = MetricAccumulator()
-            acc.add(ranks[protocol][b : b + 1])
-            assert acc.result()["NDCG@20"] == pytest.approx(ref["NDCG@20"])
+            for rule in TIE_RULES:
+                acc = MetricAccumulator(rule=rule)
+                acc.add(ranks[protocol][b : b + 1], ranks["ties"][protocol][b : b + 1])
+                ref = naive_metrics(scores[b].tolist(), int(targets[b]), history[b][history[b] > 0].tolist(),
+                                    protocol, rule=rule)
+                assert acc.result()["NDCG@20"] == pytest.approx(ref["NDCG@20"])
 
 
 def test_ties_count_in_targets_favour():
     scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 2.0]])  # item 0 is padding
     ranks = rank_targets_from_scores(scores, torch.tensor([2]))
     assert ranks["paper"].item() == 1  # only item 4 is strictly higher
-    assert ranks["ties"].item() == 2  # items 1 and 3 score like the target
+    assert ranks["ties"]["paper"].item() == 2  # items 1 and 3 score like the target
+    # expected rule: rank 1, 2 or 3, each with probability 1/3
+    assert accumulate(ranks, "paper", "expected", ks=(2,))["Recall@2"] == pytest.approx(1 / 3)
+    assert accumulate(ranks, "paper", "optimistic", ks=(2,))["Recall@2"] == 1.0
+
+
+def test_filtered_ties_exclude_history():
+    scores = torch.tensor([[0.0, 1.0, 1.0, 1.0, 1.0]])
+    r = rank_targets_from_scores(scores, torch.tensor([2]), torch.tensor([[0, 1, 3]]))
+    assert r["ties"]["paper"].item() == 3 and r["ties"]["filtered"].item() == 1
 
 
 def test_filtered_masks_history_but_paper_does_not():
@@ -118,8 +228,8 @@ def test_chunking_does_not_change_ranks_at_scale():
     history = torch.randint(0, 5001, (64, 20), generator=g)
     a = rank_targets(users, items, targets, history, chunk_elems=64 * 333)
     b = rank_targets(users, items, targets, history, chunk_elems=1 << 30)
-    for p in a:
-        assert torch.equal(a[p], b[p])
+    for p in ("paper", "filtered"):
+        assert torch.equal(a[p], b[p]) and torch.equal(a["ties"][p], b["ties"][p])
 
 
 def test_accumulator_means_over_all_users_including_misses():
@@ -154,5 +264,6 @@ def test_factorised_path_never_builds_users_by_items(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", spy)
     rank_targets(torch.randn(8, 4), torch.randn(1001, 4), torch.randint(1, 1001, (8,)), chunk_elems=8 * 100)
-    assert shapes and max(r * c for r, c in shapes) <= 8 * 100
-    assert sum(c for _, c in shapes) == 1000  # every item scored exactly once
+    assert shapes[0] == (8, 8)  # the targets' scores: one users × targets block
+    assert max(r * c for r, c in shapes[1:]) <= 8 * 100
+    assert sum(c for _, c in shapes[1:]) == 1000  # every item scored exactly once

@@ -35,7 +35,7 @@ def test_evaluate_matches_recorded_results(trained, tables, capsys):
     assert rc == 0, err
     got = json.loads(out)
     want = json.loads((trained / RESULTS_NAME).read_text())
-    assert set(got) == {"valid", "test"}
+    assert set(got) == {"valid", "test", "ties"} and got["ties"] == want["ties"] == "expected"
     for split in ("valid", "test"):
         assert set(got[split]) == set(want[split]) == {"paper", "filtered"}
         for proto, metrics in want[split].items():
@@ -46,8 +46,12 @@ def test_evaluate_matches_recorded_results(trained, tables, capsys):
                         "--splits", "test", "--max-len", 10)
     assert rc == 0, err
     only = json.loads(out)
-    assert set(only) == {"test"}
+    assert set(only) == {"test", "ties"}
     assert only["test"]["paper"]["NDCG@10"] == pytest.approx(got["test"]["paper"]["NDCG@10"], abs=1e-6)
+    rc, out, err = _cli(capsys, "evaluate", "--checkpoint", trained, "--data", data, "--quiet",
+                        "--splits", "test", "--ties", "optimistic")
+    assert rc == 0, err
+    assert json.loads(out)["ties"] == "optimistic"
 
 
 def test_evaluate_refuses_other_dataset(trained, tables, tmp_path, capsys):
