@@ -148,7 +148,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pipeline": ("hellm_ds.pipeline",
                  "every stage: baseline, graphs, stage 1, DeepSpeed fine-tuning, evaluation (skips what is done)"),
     "plot": ("hellm_ds.utils.plot", "training curves of a run (loss, learning rate, metrics) as PNG files"),
-    "cuda-compile": ("hellm_kernels.cuda_compile",
+    "cuda-compile": ("hellm_ds.cli:_add_cuda_compile",
                      "compile the Triton kernels for a CUDA GPU without one (pre-flight)"),
     "doctor": ("hellm_ds.doctor", "check this installation and machine"),
 }
@@ -222,6 +222,25 @@ def _add_evaluate(sub) -> None:
     add_ties_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_cuda_compile(args) -> dict:
+    from hellm_kernels.cuda_compile import report
+    from hellm_kernels.errors import KernelUsageError
+
+    try:
+        return report(tuple(args.arch or [90]), args.cache_dir)
+    except KernelUsageError as e:  # the kernel package is a leaf: its refusals become ours here
+        raise UsageError(str(e)) from None
+
+
+def _add_cuda_compile(sub) -> None:
+    from hellm_kernels.cuda_compile import add_arguments
+
+    p = sub.add_parser("cuda-compile", help=COMMANDS["cuda-compile"][1] + "; exit 1 on a failure or a "
+                       "register spill")
+    add_arguments(p)
+    p.set_defaults(func=cmd_cuda_compile, exit_status=lambda result: 1 if result["failed"] else 0)
 
 
 def _registrar(target: str) -> Callable:

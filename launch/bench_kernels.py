@@ -94,9 +94,9 @@ def project() -> types.SimpleNamespace:
     """The project's API, importable from an installed package or from a plain checkout on PYTHONPATH."""
     from hellm_ds.data.dataset import load_dataset
     from hellm_ds.graph.build import GraphConfig, build_graphs
-    from hellm_ds.graph.csr import CSR, index_dtype
     from hellm_ds.graph.operators import item_hypergraph, user_hypergraph
     from hellm_kernels.autograd import propagate
+    from hellm_kernels.csr import CSR, index_dtype
     from hellm_kernels.spmm import spmm, torch_sparse_available, triton_available, triton_interpreted
 
     return types.SimpleNamespace(

@@ -21,17 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from hellm_ds.data.dataset import Dataset
 from hellm_ds.errors import DataFormatError, UsageError
-from hellm_ds.graph.csr import CSR
 from hellm_ds.graph.knn import hyperedges, knn_incidence
-from hellm_ds.graph.operators import (
-    BipartiteOperator,
-    TwoStageOperator,
-    bipartite_operator,
-    interaction_matrix,
-    item_hypergraph,
-    user_hypergraph,
-)
+from hellm_ds.graph.operators import bipartite_operator, interaction_matrix, item_hypergraph, user_hypergraph
 from hellm_ds.utils.io import atomic_write
+from hellm_kernels.csr import CSR
+from hellm_kernels.operators import BipartiteOperator, TwoStageOperator
 
 FORMAT_VERSION = 1
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from hellm_ds.data.dataset import Modality
-from hellm_ds.graph.csr import CSR, sparse_csr_tensor
 from hellm_ds.utils.device import resolve_device
+from hellm_kernels.csr import CSR, sparse_csr_tensor
 
 
 def _normalised_keys(mod: Modality, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

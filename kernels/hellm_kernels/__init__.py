@@ -5,11 +5,19 @@ Public functions (all differentiable, backward through stored transposes, determ
     propagate(op, X, layers, combine)     U2U / I2I propagation, two fused SpMMs per layer
     lightgcn_propagate(op, Eu, Ei, L)     LightGCN layer mean over Â
 Each takes ``backend="auto" | "triton" | "triton_tile" | "torch" | "torch_sparse"``.
+
+The package owns the format it computes on — ``CSR`` (``hellm_kernels.csr``) and the operator forms
+``TwoStageOperator`` / ``BipartiteOperator`` (``hellm_kernels.operators``: CSR + stored transpose + scale
+vectors) — and imports nothing from ``hellm_ds``, which builds its graph operators on top of these types.
 """
 from hellm_kernels.autograd import COMBINES, lightgcn_propagate, propagate, sddmm, sparse_mm
+from hellm_kernels.csr import CSR
+from hellm_kernels.errors import KernelUsageError
+from hellm_kernels.operators import BipartiteOperator, TwoStageOperator
 from hellm_kernels.spmm import BACKENDS, resolve_backend, spmm, torch_sparse_available, triton_available
 
 __all__ = [
-    "BACKENDS", "COMBINES", "lightgcn_propagate", "propagate", "resolve_backend", "sddmm", "sparse_mm", "spmm",
+    "BACKENDS", "COMBINES", "CSR", "BipartiteOperator", "KernelUsageError", "TwoStageOperator",
+    "lightgcn_propagate", "propagate", "resolve_backend", "sddmm", "sparse_mm", "spmm",
     "torch_sparse_available", "triton_available",
 ]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from hellm_ds.graph.csr import CSR
-from hellm_ds.graph.operators import BipartiteOperator, TwoStageOperator
+from hellm_kernels.csr import CSR
+from hellm_kernels.operators import BipartiteOperator, TwoStageOperator
 from hellm_kernels.spmm import spmm
 
 COMBINES = ("last", "sum", "mean")

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from hellm_ds.errors import UsageError
+from hellm_kernels.errors import KernelUsageError
 
 
 @dataclass
@@ -130,30 +130,54 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(fields.get("REG", -1)), int(fields.get("LOCAL", -1))
 
 
-def exercise_graph_stage(seed: int = 0) -> None:
-    """Run every launch path of the graph stage once on small CPU tensors (see module docstring)."""
+def sample_operators(index_dtype, seed: int = 0, n_users: int = 70, n_items: int = 40):
+    """(R, RT, u2u, i2i, lgcn): a small random user × item incidence R (a hub row holding every column, some
+    empty rows) with ``index_dtype`` indices, its transpose, and operators of the three forms the graph stage
+    propagates over, built from this package's own types with the same operands and epilogue flags: a U2U
+    form (M = R; row scale a, diagonal c, no input scale), an I2I form (M = Rᵀ; a = b, no diagonal) and a
+    LightGCN Â (ru, ri = inverse square-root degrees). The scale values are simple degree functions, not
+    the graph builders' normalisations (those are ``hellm_ds.graph``'s): enough for compiling and smoke
+    tests."""
     import numpy as np
     import torch
 
-    from hellm_ds.graph.csr import CSR
-    from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
-    from hellm_kernels.autograd import lightgcn_propagate, propagate, sparse_mm
-    from hellm_kernels.spmm_triton import make_plan
+    from hellm_kernels.csr import CSR
+    from hellm_kernels.operators import BipartiteOperator, TwoStageOperator
 
     rng = np.random.default_rng(seed)
-    n_users, n_items = 70, 40
     lengths = rng.integers(0, 6, n_users)
-    lengths[3] = n_items  # a hub row, split into segments by the small plan below
+    lengths[3] = n_items  # a hub row, split into segments by a small launch plan
     rows = np.repeat(np.arange(n_users), lengths)
     cols = np.concatenate([rng.choice(n_items, k, replace=False) for k in lengths])
     R32 = CSR.from_coo(rows, cols, (n_users, n_items))
+    R = CSR(R32.indptr.to(index_dtype), R32.indices.to(index_dtype), R32.shape)
+    RT32 = R.transpose()
+    RT = CSR(RT32.indptr.to(index_dtype), RT32.indices.to(index_dtype), RT32.shape)
+
+    def inv_pow(deg: torch.Tensor, p: float) -> torch.Tensor:  # deg^p, 0 where deg = 0; float32
+        deg = deg.double()
+        return torch.where(deg > 0, deg.clamp_min(1) ** p, torch.zeros_like(deg)).float()
+
+    deg_u, deg_i = R.row_nnz(), RT.row_nnz()
+    u2u = TwoStageOperator(R, RT, a=inv_pow(deg_u, -1.0), b=None, c=inv_pow(deg_u, -0.5), name="U2U-form")
+    d = inv_pow(deg_i, -0.5)
+    i2i = TwoStageOperator(RT, R, a=d, b=d, c=None, name="I2I-form")
+    lgcn = BipartiteOperator(R, RT, inv_pow(deg_u, -0.5), d)
+    return R, RT, u2u, i2i, lgcn
+
+
+def exercise_graph_stage(seed: int = 0) -> None:
+    """Run every launch path of the graph stage once on small CPU tensors (see module docstring)."""
+    import torch
+
+    from hellm_kernels.autograd import lightgcn_propagate, propagate, sparse_mm
+    from hellm_kernels.spmm_triton import make_plan
+
     for index_dtype in (torch.int32, torch.int64):
-        R = CSR(R32.indptr.to(index_dtype), R32.indices.to(index_dtype), R32.shape)
-        RT32 = R.transpose()
-        RT = CSR(RT32.indptr.to(index_dtype), RT32.indices.to(index_dtype), RT32.shape)
+        R, RT, u2u, i2i, lgcn = sample_operators(index_dtype, seed)
+        n_users, n_items = R.shape
         for A in (R, RT):
             A._cache["triton_plan"] = make_plan(A, seg=8)
-        u2u, i2i, lgcn = user_hypergraph(R, RT), item_hypergraph(RT, R), bipartite_operator(R, RT)
         full = index_dtype == torch.int32  # every dtype and width once; int64 indices at d = 64 fp32
         widths = (1, 64, 65, 128) if full else (64,)
         dtypes = (torch.float32, torch.bfloat16, torch.float64) if full else (torch.float32,)
@@ -183,8 +207,8 @@ def compile_all(archs: tuple[int, ...]) -> list[CompiledSpec]:
 
         names = ("_spmm_kernel", "_spmm_tile_kernel", "_hub_reduce_kernel")
         if not all(isinstance(getattr(spmm_triton, n), JITFunction) for n in names):
-            raise UsageError("the Triton kernels were imported under TRITON_INTERPRET=1 in this process: "
-                             "run the compile check in a fresh process without it")
+            raise KernelUsageError("the Triton kernels were imported under TRITON_INTERPRET=1 in this "
+                                   "process: run the compile check in a fresh process without it")
         recorders = {name: Recorder(getattr(spmm_triton, name), archs) for name in names}
         for name, rec in recorders.items():
             setattr(spmm_triton, name, rec)
@@ -211,28 +235,23 @@ def report(archs: tuple[int, ...], cache_dir: str | None = None) -> dict:
             "seconds": round(sum(s.seconds for s in specs), 1), "kernels": [s.summary() for s in specs]}
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``python -m hellm_kernels.cuda_compile``, and of ``hellm-ds cuda-compile``."""
     p.add_argument("--arch", type=int, action="append",
                    help="CUDA compute capability ×10 (80 = A100, 90 = H100); repeatable; default 90")
     p.add_argument("--cache-dir",
                    help="where Triton writes the kernels (default: TRITON_CACHE_DIR or ~/.triton/cache)")
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("cuda-compile", help="compile the Triton kernels for a CUDA GPU without one "
-                       "(pre-flight); exit 1 on a failure or a register spill")
-    _add_arguments(p)
-    p.set_defaults(func=lambda args: report(tuple(args.arch or [90]), args.cache_dir),
-                   exit_status=lambda result: 1 if result["failed"] else 0)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from hellm_ds.utils.cli_args import ArgumentParser
-
-    ap = ArgumentParser(prog="python -m hellm_kernels.cuda_compile", description=__doc__.split("\n")[0])
-    _add_arguments(ap)
+    ap = argparse.ArgumentParser(prog="python -m hellm_kernels.cuda_compile",
+                                 description=__doc__.split("\n")[0])
+    add_arguments(ap)
     args = ap.parse_args(argv)
-    result = report(tuple(args.arch or [90]), args.cache_dir)
+    try:
+        result = report(tuple(args.arch or [90]), args.cache_dir)
+    except KernelUsageError as e:
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     print(json.dumps(result, indent=1))
     return 1 if result["failed"] else 0
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from hellm_ds.graph.csr import CSR
+from hellm_kernels.csr import CSR, sparse_csr_tensor
 
 BACKENDS = ("auto", "triton", "triton_tile", "torch", "torch_sparse")
 
@@ -95,8 +95,6 @@ def _folded_csr(A: CSR, dtype: torch.dtype, row_scale, col_scale) -> torch.Tenso
         v = v * torch.repeat_interleave(row_scale.to(dtype), A.row_nnz())
     if col_scale is not None:
         v = v * col_scale.to(dtype)[A.indices.long()]
-    from hellm_ds.graph.csr import sparse_csr_tensor
-
     T = sparse_csr_tensor(A.indptr, A.indices, v, A.shape)
     A._cache[key] = (row_scale, col_scale, T)
     return T

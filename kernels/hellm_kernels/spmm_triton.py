@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hellm_ds.graph.csr import CSR
+from hellm_kernels.csr import CSR
 
 
 @triton.jit

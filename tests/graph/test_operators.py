@@ -6,9 +6,9 @@ import textwrap
 import numpy as np
 import torch
 
-from hellm_ds.graph.csr import CSR
 from hellm_ds.graph.operators import bipartite_operator, item_hypergraph, user_hypergraph
 from hellm_kernels import propagate
+from hellm_kernels.csr import CSR
 from tests.conftest import random_csr
 
 
@@ -73,7 +73,7 @@ def test_no_quadratic_intermediate(tmp_path):
     code = textwrap.dedent(
         """
         import resource, torch, numpy as np
-        from hellm_ds.graph.csr import CSR
+        from hellm_kernels.csr import CSR
         from hellm_ds.graph.operators import user_hypergraph, item_hypergraph
         from hellm_kernels import propagate
         U, I, nnz = 60_000, 30_000, 600_000
@@ -91,3 +91,20 @@ def test_no_quadratic_intermediate(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 0.1 * 30_000**2 * 4, grown  # < 10% of one I² fp32 matrix (3.6 GB), let alone U² (14 GB)
+
+
+def test_operator_types_are_the_kernel_packages():
+    """graph/ builds the kernel package's types; the old import paths still name the same objects."""
+    import hellm_ds.graph as graph
+    import hellm_ds.graph.csr as graph_csr
+    import hellm_ds.graph.operators as graph_ops
+    import hellm_kernels.csr as kcsr
+    import hellm_kernels.operators as kops
+
+    assert graph.CSR is graph_csr.CSR is kcsr.CSR
+    assert graph_csr.sparse_csr_tensor is kcsr.sparse_csr_tensor and graph_csr.index_dtype is kcsr.index_dtype
+    assert graph.TwoStageOperator is graph_ops.TwoStageOperator is kops.TwoStageOperator
+    assert graph.BipartiteOperator is graph_ops.BipartiteOperator is kops.BipartiteOperator
+    R = CSR.from_coo([0, 1, 1], [1, 0, 2], (2, 3))
+    assert isinstance(user_hypergraph(R), kops.TwoStageOperator)
+    assert isinstance(bipartite_operator(R), kops.BipartiteOperator)

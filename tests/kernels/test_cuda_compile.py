@@ -50,13 +50,15 @@ def test_every_launched_specialisation_compiles_for_sm80_and_sm90(tmp_path):
     assert {k["kernel"] for k in aligned} == {"_spmm_kernel", "_spmm_tile_kernel"}
 
 
-def test_refused_in_a_process_that_interprets_the_kernels():
+def test_refused_in_a_process_that_interprets_the_kernels(capsys):
     """Under TRITON_INTERPRET=1 (this test process on a CPU machine) the kernels are not compilable objects:
-    one clear error instead of an obscure failure per launch."""
+    one clear error instead of an obscure failure per launch — the kernel package's own error, which
+    ``hellm-ds cuda-compile`` reports as a usage error (exit 2)."""
     import importlib
 
-    from hellm_ds.errors import UsageError
+    from hellm_ds.cli import main
     from hellm_kernels import cuda_compile
+    from hellm_kernels.errors import KernelUsageError
 
     spmm_triton = importlib.import_module("hellm_kernels.spmm_triton")
     from triton.runtime.jit import JITFunction
@@ -64,6 +66,11 @@ def test_refused_in_a_process_that_interprets_the_kernels():
     if isinstance(spmm_triton._spmm_kernel, JITFunction):
         pytest.skip("kernels are compiled JITFunctions in this process (no TRITON_INTERPRET)")
     before = os.environ.get("TRITON_INTERPRET")
-    with pytest.raises(UsageError, match="fresh process"):
+    with pytest.raises(KernelUsageError, match="fresh process"):
         cuda_compile.report((90,))
     assert os.environ.get("TRITON_INTERPRET") == before  # the caller's setting is restored
+    assert main(["cuda-compile", "--arch", "90"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hellm-ds: error: the Triton kernels were imported under TRITON_INTERPRET=1 in this "
+                          "process: run the compile check in a fresh process without it"), err
+    assert os.environ.get("TRITON_INTERPRET") == before

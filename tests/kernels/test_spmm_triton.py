@@ -3,7 +3,7 @@ GPU when there is one (compiled kernels, cuSPARSE), else the CPU (interpreted Tr
 import pytest
 import torch
 
-from hellm_ds.graph.csr import CSR
+from hellm_kernels.csr import CSR
 from hellm_kernels.spmm import spmm, torch_sparse_available
 from tests.conftest import DEVICE, random_csr, require
 
