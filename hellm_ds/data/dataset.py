@@ -8,7 +8,9 @@ Format of a dataset directory (see ``docs`` in the README)::
     DIR/items.tsv             optional ``item_id<TAB>text``
 
 Ids: items keep their ids (1..n_items, ``n_items`` = the largest id in ``sequences.txt``; 0 is padding, and
-items that nobody bought are still part of the catalogue and ranked). Users get internal indices 0..U-1 in
+items that nobody bought are still part of the catalogue and ranked; ids must be dense: a largest id above
+2 × the number of distinct item ids + 1000 is refused before anything is sized by it — sparse raw ids go
+through ``hellm-ds import``, which renumbers them). Users get internal indices 0..U-1 in
 file order; ``user_ids[u]`` is the external id.
 
 Split (METHOD §0): each sequence is truncated to its last ``max_len`` items. A user with ≥3 items trains on
@@ -26,8 +28,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from hellm_ds.data.readers import (MultiHot, check_dataset_dir, read_attributes, read_feature, read_item_texts,
-                                   read_sequences)
+from hellm_ds.data.readers import (MultiHot, check_dataset_dir, check_dense_item_ids, read_attributes,
+                                   read_feature, read_item_texts, read_sequences)
 from hellm_ds.errors import DataFormatError, UsageError
 
 SplitName = Literal["valid", "test"]
@@ -176,6 +178,12 @@ class Dataset:
                     h.update(chunk)
         return h.hexdigest()
 
+    def require_eval_users(self) -> None:
+        """A UsageError (exit 2) when no user has the 3 items a leave-one-out evaluation needs."""
+        if not (self.lengths >= 3).any():
+            raise UsageError(f"nothing to evaluate: no user of {self.root}/sequences.txt has ≥ 3 items "
+                             f"(leave-one-out needs a training item, a validation and a test item)")
+
     def stats(self) -> dict:
         return {
             "users": self.n_users,
@@ -205,6 +213,7 @@ def load_dataset(root: str | Path, max_len: int = 50) -> Dataset:
         raise UsageError(f"max_len must be ≥ 3 (leave-one-out needs 3 items), got {max_len}")
     root = check_dataset_dir(root)
     raw = read_sequences(root / "sequences.txt")
+    check_dense_item_ids(root / "sequences.txt", raw)  # before anything is sized by the largest id
     n_items = int(raw.items.max())
 
     lengths = np.diff(raw.offsets)

@@ -21,7 +21,7 @@ _MAX_ID = 10**_MAX_DIGITS - 1
 def _read_utf8(path: Path) -> str:
     data = path.read_bytes()
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading UTF-8 BOM is dropped
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataFormatError(path, line, "file is not valid UTF-8", data[e.start : e.start + 8]) from None
@@ -73,6 +73,8 @@ def read_sequences(path: str | Path) -> RawSequences:
     if not path.is_file():
         raise DataFormatError(path, None, "not a file" if path.exists() else "file not found")
     data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM (editors on Windows write one)
+        data = b"   " + data[3:]  # same length: positions and lines stay those of the file
     buf = np.frombuffer(data, dtype=np.uint8)
     is_digit = (buf >= 48) & (buf <= 57)
     is_space = (buf == 32) | (buf == 9) | (buf == 10) | (buf == 13)
@@ -136,6 +138,30 @@ def read_sequences(path: str | Path) -> RawSequences:
     offsets = np.zeros(user_ids.size + 1, dtype=np.int64)
     np.cumsum(n_tok_line - 1, out=offsets[1:])
     return RawSequences(user_ids=user_ids, offsets=offsets, items=items, lines=lines)
+
+
+# Largest item id accepted for ``d`` distinct item ids: the catalogue (and every per-item array: features,
+# embeddings, the model's item head) is sized by the largest id, so sparse raw ids (one id 1000000000) would
+# allocate for ids nobody uses. Up to half the catalogue may be items nobody bought, plus a fixed slack.
+def max_item_id(distinct: int) -> int:
+    return 2 * distinct + 1000
+
+
+def check_dense_item_ids(path: str | Path, raw: RawSequences) -> None:
+    """Refuse item ids far beyond the number of distinct items (see ``max_item_id``), naming the line."""
+    top = int(raw.items.max())
+    if top <= max_item_id(raw.items.size):  # cheap bound first: distinct ≤ nnz
+        return
+    distinct = int(np.unique(raw.items).size)
+    limit = max_item_id(distinct)
+    if top <= limit:
+        return
+    pos = int(np.argmax(raw.items > limit))
+    user = int(np.searchsorted(raw.offsets, pos, side="right")) - 1
+    raise DataFormatError(
+        path, int(raw.lines[user]),
+        f"item id far beyond the {distinct} distinct item ids (ids must be dense: at most 2 × distinct + 1000 "
+        f"= {limit}); renumber raw ids with `hellm-ds import`", int(raw.items[pos]))
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ Tie rules (``TIE_RULES``):
   constant scorer then gets Recall@k = 1. For comparison with published numbers only.
 
 Every result also has ``mean_ties``: the mean ``t`` per user, so a degenerate model is visible whatever the
-rule. Means are over every user of the split (none is skipped); sums are float64 and all-reduced when
-torch.distributed is initialised, so a sharded evaluation equals a single-process one.
+rule, and ``users``: how many users the means are over. Means are over every user of the split (none is
+skipped); sums are float64 and all-reduced when torch.distributed is initialised, so a sharded evaluation
+equals a single-process one.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ DEFAULT_KS = (5, 10, 20)
 METRICS = ("Recall", "NDCG", "MRR", "Precision", "MAP")
 TIE_RULES = ("expected", "optimistic")
 MEAN_TIES = "mean_ties"
+USERS = "users"  # the number of users the means are over (every result has it)
 
 
 def check_tie_rule(ties: str) -> str:
@@ -108,6 +110,6 @@ class MetricAccumulator:
             totals = totals.cpu()
         n = totals[-1].item()
         names = self.names + [MEAN_TIES]
-        if n == 0:
-            return {name: math.nan for name in names}
-        return {name: totals[i].item() / n for i, name in enumerate(names)}
+        if n == 0:  # nothing evaluated: NaN means (printed as JSON null), and "users": 0 says why
+            return {**{name: math.nan for name in names}, USERS: 0}
+        return {**{name: totals[i].item() / n for i, name in enumerate(names)}, USERS: int(round(n))}

@@ -11,6 +11,10 @@ logits), computed over item chunks with a running top-k: memory O(batch · chunk
 never recommended. Output: ``{"k", "exclude_history", "users": [{"user", "items", "scores"[, "titles"]}]}``
 — titles when ``DIR/items.tsv`` exists. ``--users-file``: one user id per line (blank lines and ``#``
 comments skipped). An unknown user id is an error naming it (and the file's line).
+
+Raw ids: for a dataset written by ``hellm-ds import`` (``DIR/user_ids.tsv`` and ``DIR/item_ids.tsv``, dense
+id → original id) each answer also carries ``"raw_user"`` and ``"raw_items"``, and ``--raw-ids`` lets
+``--users``/``--users-file`` name users by their original ids.
 """
 from __future__ import annotations
 
@@ -43,6 +47,31 @@ def read_user_ids(path: str | Path) -> tuple[list[int], list[int]]:
     if not ids:
         raise UsageError(f"--users-file {path} lists no user ids")
     return ids, lines
+
+
+def read_id_map(path: str | Path) -> list[str]:
+    """``id<TAB>raw id`` lines with ids 1, 2, … in order (``hellm-ds import``'s mapping files) → a list
+    indexed by dense id (entry 0 is "")."""
+    path = Path(path)
+    out = [""]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(path, None, f"cannot read the id mapping ({e})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        key, sep, raw = line.partition("\t")
+        if not sep or key != str(len(out)):
+            raise DataFormatError(path, lineno, f"expected '{len(out)}<TAB>raw id'", line[:80])
+        out.append(raw)
+    return out
+
+
+def raw_id_maps(root: str | Path) -> tuple[list[str], list[str]] | None:
+    """``(users, items)`` raw-id lists of a dataset written by ``hellm-ds import``; None without both files."""
+    root = Path(root)
+    if not ((root / "user_ids.tsv").is_file() and (root / "item_ids.tsv").is_file()):
+        return None
+    return read_id_map(root / "user_ids.tsv"), read_id_map(root / "item_ids.tsv")
 
 
 def parse_user_list(text: str) -> list[int]:
@@ -91,6 +120,10 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
         index = dataset.user_index(users)
     except KeyError as e:
         raise UsageError(f"{e.args[0]} (not in {dataset.root}/sequences.txt)") from None
+    maps = raw_id_maps(dataset.root)
+    if maps is not None and len(maps[1]) - 1 < dataset.n_items:
+        raise DataFormatError(Path(dataset.root) / "item_ids.tsv", None,
+                              f"maps {len(maps[1]) - 1} items, the sequences have {dataset.n_items}")
     dev = resolve_device(device)
     model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = (t.to(dev) for t in model.item_scoring())
@@ -110,6 +143,9 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
                    "scores": [round(float(x), 6) for x in s[row][keep]]}
             if dataset.item_texts is not None:
                 rec["titles"] = [dataset.item_texts[j] for j in rec["items"]]
+            if maps is not None:
+                rec["raw_user"] = maps[0][user] if 0 < user < len(maps[0]) else None
+                rec["raw_items"] = [maps[1][j] for j in rec["items"]]
             out.append(rec)
     return {"k": k, "exclude_history": exclude_history, "users": out}
 
@@ -124,6 +160,8 @@ def add_cli(sub) -> None:
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--users", help="comma-separated user ids (the first column of sequences.txt)")
     who.add_argument("--users-file", help="a file with one user id per line (batch mode)")
+    p.add_argument("--raw-ids", action="store_true",
+                   help="--users/--users-file give original ids (DIR/user_ids.tsv of `hellm-ds import`)")
     p.add_argument("--k", type=int, default=10, help="items per user")
     p.add_argument("--exclude-history", action="store_true", help="never recommend an item the user has")
     p.add_argument("--max-len", type=int, default=None, help="history length (default: the run's)")
@@ -137,7 +175,9 @@ def add_cli(sub) -> None:
 def _cmd(args) -> dict:
     from hellm_ds.train.evaluate import load_run_dataset
 
-    if args.users_file:
+    if args.raw_ids:
+        users, lines = _raw_users(args)
+    elif args.users_file:
         users, lines = read_user_ids(args.users_file)
     else:
         users, lines = parse_user_list(args.users), None
@@ -151,3 +191,33 @@ def _cmd(args) -> dict:
                                       user) from None
     return recommend(args.checkpoint, ds, users, k=args.k, exclude_history=args.exclude_history,
                      batch_size=args.batch_size, device=args.device, progress=not args.quiet, meta=meta)
+
+
+def _raw_users(args) -> tuple[list[int], list[int] | None]:
+    """``--raw-ids``: the given original user ids → dense ids through DIR/user_ids.tsv."""
+    maps = raw_id_maps(args.data)
+    if maps is None:
+        raise UsageError(f"--raw-ids needs {Path(args.data) / 'user_ids.tsv'} and item_ids.tsv "
+                         "(a dataset written by `hellm-ds import`)")
+    dense = {raw: j for j, raw in enumerate(maps[0]) if j}
+    if args.users_file:
+        path = Path(args.users_file)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --users-file {path} ({e})") from None
+        pairs = [(line.split("#", 1)[0].strip(), n) for n, line in enumerate(text.splitlines(), 1)]
+        pairs = [(tok, n) for tok, n in pairs if tok]
+        if not pairs:
+            raise UsageError(f"--users-file {path} lists no user ids")
+        for tok, n in pairs:
+            if tok not in dense:
+                raise DataFormatError(path, n, f"raw user id not in {Path(args.data) / 'user_ids.tsv'}", tok)
+        return [dense[tok] for tok, _ in pairs], [n for _, n in pairs]
+    toks = [t.strip() for t in args.users.split(",") if t.strip()]
+    if not toks:
+        raise UsageError("--users lists no user ids")
+    for tok in toks:
+        if tok not in dense:
+            raise UsageError(f"unknown raw user id {tok!r} (not in {Path(args.data) / 'user_ids.tsv'})")
+    return [dense[t] for t in toks], None

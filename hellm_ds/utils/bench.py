@@ -8,16 +8,7 @@ import platform
 import sys
 from pathlib import Path
 
-
-def _clean(o):
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_clean(v) for v in o]
-    return o
+from hellm_ds.utils.io import strict_json
 
 
 def write_bench_json(path: str | Path, header: dict, records: list[dict], summary) -> None:
@@ -25,7 +16,7 @@ def write_bench_json(path: str | Path, header: dict, records: list[dict], summar
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_clean({**header, "results": records, "summary": summary}), indent=1,
+    tmp.write_text(json.dumps(strict_json({**header, "results": records, "summary": summary}), indent=1,
                               ensure_ascii=False))
     os.replace(tmp, path)
 

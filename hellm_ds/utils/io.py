@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float (NaN, ±Infinity) replaced by None: JSON has neither, and strict
+    parsers (jq, most languages) refuse Python's ``NaN``."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:

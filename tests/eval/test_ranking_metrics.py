@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hellm_ds.eval.metrics import DEFAULT_KS, MEAN_TIES, TIE_RULES, MetricAccumulator
+from hellm_ds.eval.metrics import DEFAULT_KS, MEAN_TIES, TIE_RULES, USERS, MetricAccumulator
 from hellm_ds.eval.ranking import rank_targets, rank_targets_from_scores
 
 
@@ -96,7 +96,8 @@ def test_metrics_match_naive_reference(seed, ties, rule):
         torch.testing.assert_close(ranks["ties"][protocol], dense["ties"][protocol])
         got = accumulate(ranks, protocol, rule)
         ref = mean_naive(scores, targets, history, protocol, rule)
-        assert got.keys() == ref.keys() | {MEAN_TIES}
+        assert got.keys() == ref.keys() | {MEAN_TIES, USERS}
+        assert got[USERS] == len(targets)
         for k in ref:
             assert got[k] == pytest.approx(ref[k], abs=1e-12), (protocol, k)
     if ties:  # the integer case has real ties, so the rules must disagree
@@ -241,7 +242,9 @@ def test_accumulator_means_over_all_users_including_misses():
 
 
 def test_empty_accumulator_gives_nan():
-    assert all(math.isnan(v) for v in MetricAccumulator().result().values())
+    res = MetricAccumulator().result()
+    assert res.pop(USERS) == 0  # the count says why the means are NaN (printed as JSON null)
+    assert all(math.isnan(v) for v in res.values())
 
 
 def test_item_bias_is_added():

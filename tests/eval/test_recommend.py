@@ -96,3 +96,30 @@ def test_recommend_errors_name_the_id_and_line(tables, export, tmp_path, capsys)
     f.write_text("1\nabc\n")
     rc, _ = _cli("--checkpoint", export, "--data", data, "--users-file", f)
     assert rc == 2 and f"{f}:2" in capsys.readouterr().err
+
+
+def test_recommend_reports_raw_ids_of_an_imported_dataset(tables, export, tmp_path, capsys):
+    """With ``hellm-ds import``'s mapping files next to the dataset, answers carry the original ids, and
+    ``--raw-ids`` takes users by them (the files are not part of the dataset's fingerprint)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tables[0], data)
+    ds = load_dataset(data)
+    assert ds.user_ids.tolist() == list(range(1, ds.n_users + 1))
+    (data / "user_ids.tsv").write_text("".join(f"{u}\tU-{u * 7}\n" for u in range(1, ds.n_users + 1)))
+    (data / "item_ids.tsv").write_text("".join(f"{i}\tB{i:05d}\n" for i in range(1, ds.n_items + 1)))
+    rc, plain = _cli("--checkpoint", export, "--data", data, "--users", "3,1", "--k", 4, "--quiet")
+    assert rc == 0
+    rc, raw = _cli("--checkpoint", export, "--data", data, "--users", "U-21,U-7", "--raw-ids", "--k", 4, "--quiet")
+    assert rc == 0 and raw == plain
+    for rec in raw["users"]:
+        assert rec["raw_user"] == f"U-{rec['user'] * 7}"
+        assert rec["raw_items"] == [f"B{i:05d}" for i in rec["items"]] and len(rec["titles"]) == 4
+    f = tmp_path / "users.txt"
+    f.write_text("U-21\n# c\nU-nobody\n")
+    rc, _ = _cli("--checkpoint", export, "--data", data, "--users-file", f, "--raw-ids")
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{f}:3" in err and "U-nobody" in err
+    rc, _ = _cli("--checkpoint", export, "--data", tables[0], "--users", "U-7", "--raw-ids")
+    assert rc == 2 and "user_ids.tsv" in capsys.readouterr().err

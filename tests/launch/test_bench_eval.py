@@ -60,7 +60,7 @@ def test_main_tiny_cpu(bench, data, tmp_path, capsys):
     for split in ("valid", "test"):
         for proto in ("paper", "filtered"):
             p, q = g["project_subset"][split][proto], g["baseline_subset"][split][proto]
-            assert set(p) == set(q) | {"mean_ties"} and len(q) == 15 and p["mean_ties"] == 0  # random vectors
+            assert set(p) == set(q) | {"mean_ties", "users"} and len(q) == 15 and p["mean_ties"] == 0  # random vectors
             assert all(p[k] == pytest.approx(q[k], abs=1e-9) for k in q)
             assert 0.05 < p["Recall@20"] < 1.0  # the planted vectors make the guard compare real hits...
             assert p["NDCG@10"] < p["Recall@10"]  # ...at varied positions
@@ -165,7 +165,7 @@ def test_model_mode_tiny_cpu(bench, export, tmp_path, capsys):
     for split in ("valid", "test"):
         for proto in ("paper", "filtered"):
             p, q = g["project_subset"][split][proto], g["baseline_subset"][split][proto]
-            assert set(p) == set(q) | {"mean_ties"} and len(q) == 15
+            assert set(p) == set(q) | {"mean_ties", "users"} and len(q) == 15
             assert all(p[k] == pytest.approx(q[k], abs=1e-5) for k in q)
     assert any(g["project_subset"][sp][pr]["Recall@20"] > 0 for sp in ("valid", "test")
                for pr in ("paper", "filtered"))  # the guard compares some hits, not only zeros
