@@ -66,9 +66,8 @@ FALLBACK_REQUIRED = ("torch>=2.3,<3", "deepspeed>=0.15,<1", "transformers>=5.0,<
                      "numpy>=1.24", "safetensors>=0.4", "tqdm>=4.60")
 # DeepSpeed ops this project can use, and where
 OPS_USED = {
-    "cpu_adam": "ds_configs/zero3_offload.json on a GPU (DeepSpeedCPUAdam for the offloaded optimiser)",
+    "cpu_adam": "ds_configs/zero3_offload.json (DeepSpeedCPUAdam runs the offloaded optimiser, on GPU and CPU)",
     "fused_adam": "GPU runs with DeepSpeed's own fused Adam",
-    "deepspeed_shm_comm": "CPU ranks' shared-memory collectives (DS_ACCELERATOR=cpu)",
 }
 
 

@@ -85,6 +85,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hellm_ds.errors import UsageError
+from hellm_ds.train.optim import OFFLOAD_OPTIMIZER_CHOICES, build_optimizer, offload_optimizer_plan
 from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.io import write_json_atomic
 from hellm_ds.utils.net import free_port
@@ -119,6 +120,7 @@ class FinetuneConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_epochs: float = 1.0
+    offload_optimizer: str = "auto"  # auto: DeepSpeedCPUAdam when the JSON offloads the optimiser (optim.py)
     micro_batch_size: int | None = None  # None = the JSON's train_micro_batch_size_per_gpu
     grad_accum: int | None = None  # None = the JSON's gradient_accumulation_steps
     grad_clip: float | None = None  # None = the JSON's gradient_clipping
@@ -265,8 +267,10 @@ def load_ds_config(cfg: FinetuneConfig, device: torch.device) -> dict:
         for k in ("offload_param", "offload_optimizer"):
             if k in zero:
                 zero[k]["pin_memory"] = False
-        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on CPU (no DeepSpeedCPUAdam build)
     ds.update(cfg.extra_ds)
+    # the optimiser under offload_optimizer, on every device alike: DeepSpeedCPUAdam, or (--offload-optimizer
+    # torch) torch AdamW with zero_force_ds_cpu_optimizer false; finetune() builds the kind this decides
+    ds, _ = offload_optimizer_plan(ds, cfg.offload_optimizer, warn=os.environ.get("RANK", "0") == "0")
     return ds
 
 
@@ -458,8 +462,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return lr_at(step, cfg.lr, cfg.min_lr, warmup, total_steps) / cfg.lr
 
     groups = _param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                  weight_decay=cfg.weight_decay)
+    _, opt_kind = offload_optimizer_plan(ds_cfg, cfg.offload_optimizer, warn=False)
+    optimizer = build_optimizer(groups, opt_kind, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
@@ -499,7 +503,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 return json.loads(finished.read_text())
     log.log("start", step=global_step, world_size=world, zero_stage=stage, dtype=str(dtype),
             micro_batch=micro, grad_accum=gas, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-            warmup_steps=warmup,
+            warmup_steps=warmup, optimizer=type(optimizer).__name__,
             config=cfg.to_dict(), model=hcfg.to_dict())
 
     fingerprint = dataset.fingerprint
@@ -623,7 +627,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         save(f"step{global_step}-end", epoch + 1, 0)
     results = {"best_epoch": best.get("epoch"), "valid": best.get("valid"), "test": best.get("test"),
                "ties": cfg.ties, "global_step": global_step, "stopped": stopped, "losses": losses,
-               "seconds": round(time.time() - t0, 2), "world_size": world, "zero_stage": stage}
+               "seconds": round(time.time() - t0, 2), "world_size": world, "zero_stage": stage,
+               "optimizer": type(optimizer).__name__}
     if stopped == "max_steps" and not (cfg.save_every and global_step % cfg.save_every == 0
                                        and s + 1 < steps_per_epoch):
         save(f"step{global_step}", epoch, s + 1)  # not saved by the loop just now
@@ -698,6 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
         "beta1": (float, "AdamW β1"),
         "beta2": (float, "AdamW β2"),
         "warmup_epochs": (float, "linear warm-up length in epochs"),
+        "offload_optimizer": (str, "optimiser when the JSON offloads it (zero3_offload.json): auto/cpu_adam: "
+                                   "DeepSpeedCPUAdam (C++, built once); torch: torch AdamW (slow fall-back)",
+                              OFFLOAD_OPTIMIZER_CHOICES),
         "micro_batch_size": (int, "examples per rank and micro-step (default: the JSON's "
                                   "train_micro_batch_size_per_gpu)"),
         "grad_accum": (int, "micro-steps per optimiser step (default: the JSON's gradient_accumulation_steps)"),
