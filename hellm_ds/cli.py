@@ -14,6 +14,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds recommend --checkpoint OUT --data DIR --users 1,2,3 [--k 10] [--exclude-history] [--users-file F]
     hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
     hellm-ds encode-text --data DIR [--model PATH] [--out-name text] [--max-length 128] [--overwrite]
+    hellm-ds report [--results results] [--readme README.md] [--check]   (README tables from result files)
     hellm-ds plot --run DIR [--out DIR/plots] [--metrics Recall@10,NDCG@10]   (PNG curves of DIR/log.jsonl)
     hellm-ds cuda-compile [--arch 90 --arch 80]   (the Triton kernels compiled for those GPUs, no GPU needed)
     hellm-ds doctor   (checks of this installation and machine)
@@ -153,6 +154,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge-lora": ("hellm_ds.train.merge", "fold a fine-tuned run's LoRA into a full HF model directory"),
     "pipeline": ("hellm_ds.pipeline",
                  "every stage: baseline, graphs, stage 1, DeepSpeed fine-tuning, evaluation (skips what is done)"),
+    "report": ("hellm_ds.report", "regenerate the README's results tables from the committed result files"),
     "plot": ("hellm_ds.utils.plot", "training curves of a run (loss, learning rate, metrics) as PNG files"),
     "cuda-compile": ("hellm_ds.cli:_add_cuda_compile",
                      "compile the Triton kernels for a CUDA GPU without one (pre-flight)"),

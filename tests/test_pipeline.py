@@ -58,6 +58,11 @@ def test_pipeline_runs_skips_refuses_and_redoes(synth_dir, tmp_path):
     for split in ("valid", "test"):
         assert ft[split]["paper"]["NDCG@10"] > pop[split]["paper"]["NDCG@10"], (split, ft[split], pop[split])
     assert "HeLLM fine-tuned" in p.stderr  # the table on stderr
+    # one tie rule for every stage, recorded with each stage's metrics and shown with the table
+    assert res["ties"] == "expected" and "ties expected" in p.stderr
+    assert {res["stages"][s]["ties"] for s in ("popularity", "graph", "sasrec", "finetune", "evaluate")} == {
+        "expected"}
+    assert all(r["mean_ties"] is not None for r in res["table"])
 
     before = stamp_times(out)
     p = pipeline(synth_dir, out)

@@ -192,8 +192,8 @@ def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, re
     model.load_state_dict(best_state)
     test = _evaluate(model, dataset, ("test",), cfg, device, progress)["test"]
     seconds = elapsed_before + time.time() - t0
-    result = {"valid": best_metrics, "test": test, "ties": cfg.ties, "best_epoch": stopper.best_epoch, "epochs_run": epoch + 1,
-              "stop_reason": stop_reason, "seconds": round(seconds, 2),
+    result = {"valid": best_metrics, "test": test, "ties": cfg.ties, "best_epoch": stopper.best_epoch,
+              "epochs_run": epoch + 1, "stop_reason": stop_reason, "seconds": round(seconds, 2),
               "train_seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None}
     user, item = model.embeddings()
     pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t]).float().cpu()  # noqa: E731

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Results rows for Scientific (results/scientific/*.json → README "Results", via `hellm-ds report`):
+# popularity, graph (MMHCL), SASRec and HeLLM from one `hellm-ds pipeline` per seed, plus two stage-2
+# ablations on the same seed's stage-1 tables — METHOD's linear item head, and no graph-conditioned prefix.
+# Seeds 0 1 2 (SEEDS="0" for one; JOBS=3 runs them side by side); one CPU thread per process; about 20
+# CPU-minutes per seed.
+#   bash launch/reproduce/scientific.sh [RUNS_DIR]      (DATA=… for another copy of the dataset)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+[ -x "$root/.venv/bin/hellm-ds" ] || . "$root/launch/setup_env.sh"
+export PATH="$root/.venv/bin:$PATH" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+command -v nvidia-smi > /dev/null || export DS_ACCELERATOR=cpu
+data="${DATA:-$root/../shared/data/scientific}"
+runs="${1:-$root/runs/reproduce/scientific}"
+pipeline="hellm-ds pipeline --data $data --out $runs/seedSEED/pipeline --seed SEED --model tiny --ranks 1 \
+--graph-epochs 60 --graph-eval-every 2 --seq-epochs 100 --ft-epochs 8 --ft-lr 1e-3 --ft-micro-batch 64 --quiet"
+# the pipeline's own fine-tuning settings (scope full + tied head for a config-built backbone), one lever changed
+finetune="hellm-ds finetune --data $data --graph-emb $runs/seedSEED/pipeline/graph/graph_embeddings.safetensors \
+--seq-emb $runs/seedSEED/pipeline/sasrec/sequential_item_embeddings.safetensors --out $runs/seedSEED/NAME \
+--model tiny --trainable-scope full --item-head tied --epochs 8 --lr 1e-3 --micro-batch-size 64 --patience 5 \
+--max-len 50 --seed SEED --deepspeed_config ds_configs/zero3.json --no-progress"
+declare -A ablation=([hellm_linear_head]="--item-head linear" [hellm_prefix_off]="--prefix-mode off")
+declare -A label=([hellm_linear_head]="HeLLM, METHOD's linear item head" [hellm_prefix_off]="HeLLM, prefix off")
+mkdir -p "$runs"
+[ -f "$runs/commit.txt" ] || (cd "$root" && echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- hellm_ds kernels \
+  || echo +dirty)") > "$runs/commit.txt"  # what the runs ran (collect.py records it)
+run_seed() {  # the pipeline, then each ablation on its stage-1 tables; a rerun skips what is done
+  local seed=$1 cmd
+  mkdir -p "$runs/seed$seed"
+  ${pipeline//SEED/$seed} > "$runs/seed$seed/pipeline.json"
+  for name in hellm_linear_head hellm_prefix_off; do
+    [ -f "$runs/seed$seed/$name/results.json" ] && continue
+    cmd="${finetune//SEED/$seed}"
+    ${cmd//NAME/$name} ${ablation[$name]} > "$runs/seed$seed/$name.json"
+  done
+}
+pids=()
+for seed in ${SEEDS:-0 1 2}; do  # JOBS seeds at a time (default 1)
+  run_seed "$seed" & pids+=($!)
+  if [ "${#pids[@]}" -ge "${JOBS:-1}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
+cd "$root"
+python launch/reproduce/collect.py --dataset scientific --data "$data" --runs "$runs" \
+  --script launch/reproduce/scientific.sh --command "${pipeline//$root\//}" \
+  --ablation-command "${finetune//$root\//} + LEVER" \
+  --ablation "hellm_linear_head=${label[hellm_linear_head]} (--item-head linear)" \
+  --ablation "hellm_prefix_off=${label[hellm_prefix_off]} (--prefix-mode off)"
+hellm-ds report
