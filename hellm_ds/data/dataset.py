@@ -6,12 +6,15 @@ Format of a dataset directory (see ``docs`` in the README)::
     DIR/item2attributes.json  optional {"item_id": [attribute_id, ...]} → the "attributes" modality (multi-hot)
     DIR/features/<name>.npy   optional float [n_items, d]; row i-1 is item i; one file per modality
     DIR/items.tsv             optional ``item_id<TAB>text``
+    DIR/catalogue.json        optional ``{"n_items": N}``: the catalogue size, when it holds items no sequence
+                              mentions yet (written by ``hellm-ds import`` from an item table)
 
-Ids: items keep their ids (1..n_items, ``n_items`` = the largest id in ``sequences.txt``; 0 is padding, and
-items that nobody bought are still part of the catalogue and ranked; ids must be dense: a largest id above
-2 × the number of distinct item ids + 1000 is refused before anything is sized by it — sparse raw ids go
-through ``hellm-ds import``, which renumbers them). Users get internal indices 0..U-1 in
-file order; ``user_ids[u]`` is the external id.
+Ids: items keep their ids (1..n_items, ``n_items`` = the largest id in ``sequences.txt``, or N from
+``catalogue.json`` — which may not be smaller; 0 is padding, and items that nobody bought are still part of
+the catalogue and ranked, their features in the item hypergraph; ids must be dense: a largest id above
+2 × the number of distinct item ids + 1000 is refused before anything is sized by it, unless catalogue.json
+declares it — sparse raw ids go through ``hellm-ds import``, which renumbers them). Users get internal
+indices 0..U-1 in file order; ``user_ids[u]`` is the external id.
 
 Split (METHOD §0): each sequence is truncated to its last ``max_len`` items. A user with ≥3 items trains on
 every prefix of ``items[:-2]`` predicting its next item, validates on ``items[:-2] → items[-2]`` and tests on
@@ -28,8 +31,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
-from hellm_ds.data.readers import (MultiHot, check_dataset_dir, check_dense_item_ids, read_attributes,
-                                   read_feature, read_item_texts, read_sequences)
+from hellm_ds.data.readers import (MultiHot, catalogue_size, check_dataset_dir, read_attributes, read_feature,
+                                   read_item_texts, read_sequences)
 from hellm_ds.errors import DataFormatError, UsageError
 
 SplitName = Literal["valid", "test"]
@@ -92,6 +95,7 @@ class Dataset:
     n_interactions: int  # before truncation
     modalities: Mapping[str, Modality] = field(default_factory=dict)
     item_texts: tuple[str, ...] | None = None  # indexed by item id
+    items_without_interactions: int = 0  # catalogue items no (untruncated) sequence mentions
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -194,6 +198,7 @@ class Dataset:
             "valid_users": len(self.split("valid")),
             "test_users": len(self.split("test")),
             "max_len": self.max_len,
+            "items_without_interactions": self.items_without_interactions,
             "modalities": {name: m.dim for name, m in self.modalities.items()},
         }
 
@@ -201,6 +206,8 @@ class Dataset:
 def _dataset_files(root: Path) -> list[str]:
     files = ["sequences.txt"]
     files += [p for p in ("item2attributes.json", "items.tsv") if (root / p).is_file()]
+    if (root / "catalogue.json").is_file():  # only when present: datasets without it keep their fingerprint
+        files.append("catalogue.json")
     feat = root / "features"
     if feat.is_dir():
         files += [f"features/{p.name}" for p in sorted(feat.glob("*.npy"))]
@@ -213,8 +220,9 @@ def load_dataset(root: str | Path, max_len: int = 50) -> Dataset:
         raise UsageError(f"max_len must be ≥ 3 (leave-one-out needs 3 items), got {max_len}")
     root = check_dataset_dir(root)
     raw = read_sequences(root / "sequences.txt")
-    check_dense_item_ids(root / "sequences.txt", raw)  # before anything is sized by the largest id
-    n_items = int(raw.items.max())
+    n_items = catalogue_size(root, raw)  # catalogue.json or the largest id; sparse ids refused first
+    seen = np.zeros(n_items + 1, dtype=bool)
+    seen[raw.items] = True
 
     lengths = np.diff(raw.offsets)
     kept = np.minimum(lengths, max_len)
@@ -248,4 +256,5 @@ def load_dataset(root: str | Path, max_len: int = 50) -> Dataset:
         n_interactions=int(raw.items.size),
         modalities=MappingProxyType(modalities),
         item_texts=texts,
+        items_without_interactions=int(n_items - np.count_nonzero(seen)),
     )

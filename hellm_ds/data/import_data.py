@@ -4,6 +4,7 @@ the formats and ``hellm_ds.data.ids`` for ids, filters and the files written).
     hellm-ds import --format csv --input log.csv [--columns user,item,timestamp[,rating]] --out DIR
     hellm-ds import --format recbole --input x.inter [--item-file x.item] --out DIR
     hellm-ds import --format amazon --input reviews.json.gz [--meta meta.json.gz] --k-core 5 --out DIR
+    ... [--keep-unseen-items]   the item table's items nobody interacted with join the catalogue (catalogue.json)
 
 Prints the summary JSON (users, items, interactions, what each filter dropped), also kept in DIR/import.json.
 """
@@ -44,9 +45,11 @@ def run(args) -> dict:
         chunks = imp.read_amazon_reviews(path)
         if args.meta:
             meta_loader = lambda kept: imp.read_amazon_meta(Path(args.meta), wanted=kept)  # noqa: E731
+    if args.keep_unseen_items and meta_loader is None:
+        raise UsageError("--keep-unseen-items needs an item table: --item-file (recbole) or --meta (amazon)")
     source = {"format": fmt, "input": str(path)}
     return import_log(chunks, args.out, meta_loader=meta_loader, min_rating=args.min_rating, dedup=args.dedup,
-                      k=args.k_core, overwrite=args.overwrite, source=source)
+                      k=args.k_core, overwrite=args.overwrite, source=source, keep_unseen=args.keep_unseen_items)
 
 
 def add_cli(sub) -> None:
@@ -68,6 +71,9 @@ def add_cli(sub) -> None:
     p.add_argument("--dedup", action="store_true", help="keep only the earliest of repeated (user, item) pairs")
     p.add_argument("--k-core", type=int, default=0,
                    help="iteratively keep users and items with ≥ K interactions (default: %(default)s = off)")
+    p.add_argument("--keep-unseen-items", action="store_true",
+                   help="recbole --item-file / amazon --meta: items the table lists but no interaction mentions "
+                   "(new items) join the catalogue after the others, ranked like them; writes catalogue.json")
     p.add_argument("--out", required=True, help="dataset directory to write (absent or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty directory")
     p.set_defaults(func=run)

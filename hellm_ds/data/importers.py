@@ -54,6 +54,7 @@ class ItemMeta:
 
     titles: dict[str, str] = field(default_factory=dict)
     attributes: dict[str, list[str]] = field(default_factory=dict)
+    items: list[str] = field(default_factory=list)  # every raw item id the table lists, in file order
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------------
@@ -269,6 +270,7 @@ def read_recbole_items(path: str | Path) -> ItemMeta:
             if len(row) <= key or not row[key].strip():
                 raise DataFormatError(path, lineno, "row has no item_id", line.rstrip("\r\n")[:80])
             item = row[key]
+            meta.items.append(item)
             if title is not None and len(row) > title and row[title].strip():
                 meta.titles[item] = row[title].strip()
             names = []
@@ -336,7 +338,7 @@ def _flat(x) -> list[str]:
 
 def read_amazon_meta(path: str | Path, wanted: set[str] | None = None) -> ItemMeta:
     """``title`` → titles; ``categories`` (2014, list of lists) / ``category`` (2018) and ``brand`` →
-    attributes (``category:NAME``, ``brand:NAME``). ``wanted``: keep only these asins."""
+    attributes (``category:NAME``, ``brand:NAME``). ``wanted``: keep only these asins (None: all)."""
     path = Path(path)
     meta = ItemMeta()
     with _open_text(path) as f:
@@ -350,6 +352,7 @@ def read_amazon_meta(path: str | Path, wanted: set[str] | None = None) -> ItemMe
             asin = str(asin)
             if wanted is not None and asin not in wanted:
                 continue
+            meta.items.append(asin)
             title = obj.get("title")
             if isinstance(title, str) and title.strip():
                 meta.titles[asin] = " ".join(title.split())  # no tabs/newlines in items.tsv

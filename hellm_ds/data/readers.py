@@ -147,9 +147,12 @@ def max_item_id(distinct: int) -> int:
     return 2 * distinct + 1000
 
 
-def check_dense_item_ids(path: str | Path, raw: RawSequences) -> None:
-    """Refuse item ids far beyond the number of distinct items (see ``max_item_id``), naming the line."""
+def check_dense_item_ids(path: str | Path, raw: RawSequences, catalogue: int | None = None) -> None:
+    """Refuse item ids far beyond the number of distinct items (see ``max_item_id``), naming the line. With
+    a declared catalogue (``catalogue.json``) ids up to its size are legitimate."""
     top = int(raw.items.max())
+    if catalogue is not None and top <= catalogue:
+        return
     if top <= max_item_id(raw.items.size):  # cheap bound first: distinct ≤ nnz
         return
     distinct = int(np.unique(raw.items).size)
@@ -162,6 +165,42 @@ def check_dense_item_ids(path: str | Path, raw: RawSequences) -> None:
         path, int(raw.lines[user]),
         f"item id far beyond the {distinct} distinct item ids (ids must be dense: at most 2 × distinct + 1000 "
         f"= {limit}); renumber raw ids with `hellm-ds import`", int(raw.items[pos]))
+
+
+def read_catalogue(path: str | Path) -> int:
+    """``catalogue.json`` = ``{"n_items": N}``: the declared catalogue size (items 1..N, some of which no
+    sequence may mention yet)."""
+    path = Path(path)
+    text = _read_utf8(path)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, e.lineno, f"invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise DataFormatError(path, None, "invalid JSON: nested too deeply") from None
+    if not isinstance(obj, dict) or set(obj) != {"n_items"}:
+        raise DataFormatError(path, 1, 'expected {"n_items": N}', text.strip()[:80])
+    n = obj["n_items"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= _MAX_ID:
+        raise DataFormatError(path, _json_line_of_key(text, "n_items"), "n_items must be a positive integer", n)
+    return n
+
+
+def catalogue_size(root: Path, raw: RawSequences) -> int:
+    """``n_items`` of a dataset directory: ``catalogue.json``'s N when present (refused below the largest id in
+    ``sequences.txt``), else that largest id; sparse ids are refused first (``check_dense_item_ids``)."""
+    top = int(raw.items.max())
+    catalogue = None
+    if (root / "catalogue.json").is_file():
+        catalogue = read_catalogue(root / "catalogue.json")
+        if catalogue < top:
+            raise DataFormatError(root / "catalogue.json", None, "n_items is smaller than the largest item id "
+                                  f"in sequences.txt ({top})", catalogue)
+    check_dense_item_ids(root / "sequences.txt", raw, catalogue)  # before anything is sized by the largest id
+    return top if catalogue is None else catalogue
+
+
+_NO_CATALOGUE = " (a catalogue with items no sequence mentions yet is declared in catalogue.json)"
 
 
 @dataclass(frozen=True)
@@ -226,7 +265,7 @@ def read_attributes(path: str | Path, n_items: int) -> MultiHot:
         if item in rows:
             fail(key, "item listed twice", key)
         if not 1 <= item <= n_items:
-            fail(key, f"unknown item (the sequences have items 1..{n_items})", key)
+            fail(key, f"unknown item (the catalogue is items 1..{n_items}){_NO_CATALOGUE}", key)
         if not isinstance(attrs, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in attrs):
             fail(key, "attributes must be a list of integers", attrs)
         if any(a < 0 or a > _MAX_ID for a in attrs):
@@ -259,7 +298,8 @@ def read_feature(path: str | Path, n_items: int) -> np.ndarray:
         raise DataFormatError(path, None, "feature array must be 2-D [n_items, d]", tuple(arr.shape))
     if arr.shape[0] != n_items:
         raise DataFormatError(
-            path, None, f"feature array has {arr.shape[0]} rows, the sequences have {n_items} items", arr.shape[0]
+            path, None, f"feature array has {arr.shape[0]} rows, the catalogue has {n_items} items"
+            + (_NO_CATALOGUE if arr.shape[0] > n_items else ""), arr.shape[0]
         )
     if arr.shape[1] == 0:
         raise DataFormatError(path, None, "feature array has zero columns", tuple(arr.shape))
@@ -299,7 +339,8 @@ def read_item_texts(path: str | Path, n_items: int) -> tuple[str, ...]:
         if item is None:
             raise DataFormatError(path, lineno, "item id is not a non-negative integer", key)
         if not 1 <= item <= n_items:
-            raise DataFormatError(path, lineno, f"unknown item (the sequences have items 1..{n_items})", item)
+            raise DataFormatError(path, lineno, f"unknown item (the catalogue is items 1..{n_items}){_NO_CATALOGUE}",
+                                  item)
         if seen[item]:
             raise DataFormatError(path, lineno, "item listed twice", item)
         seen[item] = True
