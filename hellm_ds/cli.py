@@ -9,7 +9,7 @@ messages go to stderr. Bad input exits with status 2 and one line naming the fil
     hellm-ds pretrain-graph --data DIR --out DIR [--preset toys] [--epochs N] [--time-budget SECONDS]
     hellm-ds pretrain-seq --data DIR --out DIR [--epochs N] [--time-budget SECONDS]
     hellm-ds finetune --data DIR --graph-emb FILE --seq-emb FILE --out OUT [...]   (one process)
-    hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--device auto]
+    hellm-ds evaluate --checkpoint OUT --data DIR [--splits valid,test] [--batch-size N] [--per-user FILE]
     hellm-ds pipeline --data DIR --out OUT [--model tiny|PATH] [--ranks N] [--redo STAGE]   (every stage)
     hellm-ds recommend --checkpoint OUT --data DIR --users 1,2,3 [--k 10] [--exclude-history] [--users-file F]
     hellm-ds merge-lora --checkpoint OUT --out MERGED [--dtype bfloat16]
@@ -127,7 +127,8 @@ def cmd_evaluate(args) -> dict:
     ds.require_eval_users()  # exit 2 with a clear message rather than NaN metrics
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     return evaluate_checkpoint(args.checkpoint, ds, splits=splits, batch_size=args.batch_size,
-                               device=args.device, progress=not args.quiet, meta=meta, ties=args.ties)
+                               device=args.device, progress=not args.quiet, meta=meta, ties=args.ties,
+                               per_user=args.per_user)
 
 
 # ---- the parser --------------------------------------------------------------------------------------------
@@ -228,6 +229,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--device", type=device_arg, default="auto",
                    help="auto (cuda if available), cpu, cuda, cuda:N")
     add_ties_arg(p)
+    p.add_argument("--per-user", metavar="FILE", default=None,
+                   help="also write one JSON line per evaluated user and split: the target, the items scored "
+                        "above it and tied with it per protocol, raw ids and title when the dataset has them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
 

@@ -41,7 +41,9 @@ the whole data.
 Defaults: a config-built backbone (``tiny``, ``small``) has no pre-trained weights, so it trains with scope
 ``full`` and the tied item head; a local checkpoint uses METHOD's ``lora`` scope and linear head
 (``--trainable-scope`` / ``--item-head`` override). Prints one JSON object (every stage's result and the
-comparison table) on stdout and the table on stderr.
+comparison table) on stdout and the table on stderr. Its ``"examples"``: the exported model's top-10 items
+(history excluded) for the first 3 test users, as ``hellm-ds recommend`` gives them (raw ids and titles when
+the dataset has the files), computed once by the evaluate stage (which reloads the export for them).
 """
 from __future__ import annotations
 
@@ -361,7 +363,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     def evaluate(d: Path) -> dict:
         from hellm_ds.train.evaluate import evaluate_checkpoint
 
-        return evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress, ties=cfg.ties)
+        res = evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress, ties=cfg.ties)
+        return {**res, "examples": recommend_examples(root / "finetune", dataset)}  # kept with the stage
 
     stage("evaluate", {"finetune": Stage(root, "finetune", {"dataset": fp, **ft_inputs}).key, "ties": cfg.ties},
           evaluate)
@@ -376,7 +379,22 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(format_report(report), file=sys.stderr, flush=True)
     return {"out": str(root), "ranks": ranks, "trainable_scope": scope, "item_head": head,
             "seconds": round(time.time() - t_all, 1), "ties": cfg.ties, "table": table, "plan": report,
-            "stages": {k: results[k] for k in STAGES if k in results}}
+            "stages": {k: {n: v for n, v in results[k].items() if n != "examples"}
+                       for k in STAGES if k in results},
+            "examples": results.get("evaluate", {}).get("examples")}
+
+
+def recommend_examples(checkpoint_dir: str | Path, dataset, n_users: int = 3, k: int = 10) -> list[dict]:
+    """``hellm-ds recommend --exclude-history --k K`` for the first ``n_users`` users of the test split: their
+    ``users`` entries (``user``, ``items``, ``scores``, and ``titles``/``raw_user``/``raw_items`` when the
+    dataset has ``items.tsv``/``hellm-ds import``'s mapping files); the history is everything the dataset
+    holds for the user, as in ``recommend``."""
+    from hellm_ds.eval.recommend import recommend
+
+    users = [int(dataset.user_ids[u]) for u in dataset.split("test").users[:n_users]]
+    if not users:
+        return []
+    return recommend(checkpoint_dir, dataset, users, k=k, exclude_history=True, progress=False)["users"]
 
 
 def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool = False) -> None:

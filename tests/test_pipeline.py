@@ -63,6 +63,15 @@ def test_pipeline_runs_skips_refuses_and_redoes(synth_dir, tmp_path):
     assert {res["stages"][s]["ties"] for s in ("popularity", "graph", "sasrec", "finetune", "evaluate")} == {
         "expected"}
     assert all(r["mean_ties"] is not None for r in res["table"])
+    # recommend examples of the export: 3 test users × 10 items, none from the history the model reads
+    from hellm_ds.data.dataset import load_dataset
+
+    ds = load_dataset(synth_dir, max_len=10)
+    ex = res["examples"]
+    assert [e["user"] for e in ex] == [int(ds.user_ids[u]) for u in ds.split("test").users[:3]]
+    for e in ex:
+        assert len(e["items"]) == 10 and len(e["scores"]) == 10 and 0 not in e["items"]
+        assert not set(e["items"]) & set(ds.history(int(ds.user_index([e["user"]])[0]))[-10:].tolist())
 
     before = stamp_times(out)
     p = pipeline(synth_dir, out)

@@ -124,7 +124,8 @@ def test_plan_decides_is_recorded_and_reused(synth_dir, tmp_path):
     res = json.loads(p.stdout)
     rep = res["plan"]
     assert rep["settings"] == st and rep["budget_minutes"] == 1
-    assert rep["estimate_s"] <= 60 + 1e-6, rep  # the plan fits its budget
+    # the plan fits its budget, or (a machine too busy for even the shortest runs) says it cannot
+    assert rep["estimate_s"] <= 60 + 1e-6 or "over budget: even the shortest runs do not fit" in p.stderr, rep
     for s in ("popularity", "graphs", "plan", "graph", "sasrec", "finetune", "evaluate"):
         assert rep["stages"][s]["estimate_s"] is not None and rep["stages"][s]["seconds"] is not None, s
     assert "plan vs run" in p.stderr

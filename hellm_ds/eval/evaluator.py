@@ -12,6 +12,11 @@ world size. Metrics follow a tie rule (``ties``: ``expected``, the default, or `
 ``hellm_ds.eval.metrics``) and each protocol's result carries ``mean_ties``, the mean number of items tied
 with the target. ``lockstep=True`` makes every rank run the same number of forward passes (ZeRO-3 gathers
 parameters collectively in every forward); the filler samples are not counted.
+
+``on_ranks(users, targets, ranks)``, when given, is called once per batch with the batch's real (non-filler)
+rows: ``users`` and ``targets`` (numpy int64: internal user indices, target item ids) and ``ranks``, what
+``rank_targets`` returns for those rows (``{protocol: h, "ties": {protocol: t}}``, CPU tensors). Under
+``torch.distributed`` it sees only this rank's shard of users (``hellm-ds evaluate`` runs in one process).
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def evaluate(
     lockstep: bool = False,
     progress: bool = True,
     ties: str = "expected",
+    on_ranks: Callable[[np.ndarray, np.ndarray, dict], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{protocol: {"Recall@10": …, …, "mean_ties": …}}`` for one split under the tie rule ``ties``."""
     check_tie_rule(ties)
@@ -81,6 +87,10 @@ def evaluate(
             ranks = rank_targets_from_scores(out, batch["targets"], history)
         for p in protocols:
             acc[p].add(ranks[p][:n_real], ranks["ties"][p][:n_real])
+        if on_ranks is not None and n_real > 0:
+            on_ranks(examples.users[idx].astype(np.int64), examples.targets[idx].astype(np.int64),
+                     {**{p: ranks[p][:n_real].cpu() for p in protocols},
+                      "ties": {p: ranks["ties"][p][:n_real].cpu() for p in protocols}})
     res = {p: acc[p].result() for p in protocols}  # all-reduced: every rank sees the same tie count
     tied = res[protocols[0]][MEAN_TIES] / max(dataset.n_items - 1, 1) if protocols else 0.0
     if tied > 0.5:

@@ -74,6 +74,20 @@ def raw_id_maps(root: str | Path) -> tuple[list[str], list[str]] | None:
     return read_id_map(root / "user_ids.tsv"), read_id_map(root / "item_ids.tsv")
 
 
+def dataset_raw_id_maps(dataset) -> tuple[list[str], list[str]] | None:
+    """``raw_id_maps`` of a loaded dataset's directory, checked to map every item of its sequences."""
+    maps = raw_id_maps(dataset.root)
+    if maps is not None and len(maps[1]) - 1 < dataset.n_items:
+        raise DataFormatError(Path(dataset.root) / "item_ids.tsv", None,
+                              f"maps {len(maps[1]) - 1} items, the sequences have {dataset.n_items}")
+    return maps
+
+
+def raw_user_id(maps, user: int) -> str | None:
+    """The original id of the dataset's user id ``user`` (``sequences.txt``'s first column), or None."""
+    return maps[0][user] if 0 < user < len(maps[0]) else None
+
+
 def parse_user_list(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.split(",") if t.strip()]
@@ -120,10 +134,7 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
         index = dataset.user_index(users)
     except KeyError as e:
         raise UsageError(f"{e.args[0]} (not in {dataset.root}/sequences.txt)") from None
-    maps = raw_id_maps(dataset.root)
-    if maps is not None and len(maps[1]) - 1 < dataset.n_items:
-        raise DataFormatError(Path(dataset.root) / "item_ids.tsv", None,
-                              f"maps {len(maps[1]) - 1} items, the sequences have {dataset.n_items}")
+    maps = dataset_raw_id_maps(dataset)
     dev = resolve_device(device)
     model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = (t.to(dev) for t in model.item_scoring())
@@ -144,7 +155,7 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
             if dataset.item_texts is not None:
                 rec["titles"] = [dataset.item_texts[j] for j in rec["items"]]
             if maps is not None:
-                rec["raw_user"] = maps[0][user] if 0 < user < len(maps[0]) else None
+                rec["raw_user"] = raw_user_id(maps, int(user))
                 rec["raw_items"] = [maps[1][j] for j in rec["items"]]
             out.append(rec)
     return {"k": k, "exclude_history": exclude_history, "users": out}

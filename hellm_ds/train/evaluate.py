@@ -124,10 +124,19 @@ def load_run_dataset(checkpoint_dir: str | Path, data: str | Path, max_len: int 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batch_size: int = 256,
                         device: str | torch.device = "auto", progress: bool = False,
-                        meta: dict | None = None, ties: str = "expected") -> dict:
+                        meta: dict | None = None, ties: str = "expected",
+                        per_user: str | Path | None = None) -> dict:
     """``{"valid": {"paper": {...}, "filtered": {...}}, "test": {...}, "ties": rule}`` of the export in
-    ``checkpoint_dir`` on ``dataset`` (which must be the run's; see the module docstring)."""
-    from hellm_ds.eval.evaluator import evaluate_splits
+    ``checkpoint_dir`` on ``dataset`` (which must be the run's; see the module docstring).
+
+    ``per_user``: also write that file (atomically, once every split is done), one JSON line per evaluated
+    user and split, sorted by (split, user): ``{"split", "user"`` (internal index), ``"user_id"`` (the
+    dataset's, ``sequences.txt``'s first column), ``"target"`` (item id), ``"paper"``/``"filtered": {"above",
+    "ties"}}`` — the items scored above the target and tied with it — with ``"raw_user"``/``"raw_target"``
+    when the dataset has ``hellm-ds import``'s ``user_ids.tsv``/``item_ids.tsv`` and ``"title"`` with
+    ``items.tsv``. ``hellm_ds.eval.metrics.per_user_metrics(above, ties, rule)`` turns them into metrics."""
+    from hellm_ds.eval.evaluator import evaluate
+    from hellm_ds.eval.recommend import dataset_raw_id_maps, raw_user_id
 
     splits = tuple(splits)
     bad = [s for s in splits if s not in SPLITS]
@@ -135,12 +144,39 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, dataset, splits=SPLITS, batc
         raise UsageError(f"splits must be a non-empty subset of {SPLITS}, got {list(splits)}")
     if batch_size < 1:
         raise UsageError(f"batch size must be ≥ 1, got {batch_size}")
+    maps = dataset_raw_id_maps(dataset) if per_user is not None else None  # a bad mapping fails first
     dev = resolve_device(device)
     model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = model.item_scoring()
-    return evaluate_splits(dataset, lambda batch: model.user_vectors(batch).float(), splits=splits,
-                           item_vectors=W, item_bias=b, batch_size=batch_size, device=dev, progress=progress,
-                           ties=ties)
+    rows: list[dict] = []
+
+    def collect(split: str):
+        def on_ranks(users, targets, ranks) -> None:
+            protocols = [p for p in ranks if p != "ties"]
+            for r, (u, t) in enumerate(zip(users.tolist(), targets.tolist())):
+                uid = int(dataset.user_ids[u])
+                row = {"split": split, "user": u, "user_id": uid, "target": t}
+                if maps is not None:
+                    row["raw_user"] = raw_user_id(maps, uid)
+                    row["raw_target"] = maps[1][t]
+                if dataset.item_texts is not None:
+                    row["title"] = dataset.item_texts[t]
+                for p in protocols:
+                    row[p] = {"above": int(ranks[p][r]), "ties": int(ranks["ties"][p][r])}
+                rows.append(row)
+        return on_ranks if per_user is not None else None
+
+    out = {s: evaluate(dataset, s, lambda batch: model.user_vectors(batch).float(), item_vectors=W,
+                       item_bias=b, batch_size=batch_size, device=dev, progress=progress, ties=ties,
+                       on_ranks=collect(s))
+           for s in splits}
+    if per_user is not None:
+        from hellm_ds.utils.io import atomic_write
+
+        rows.sort(key=lambda r: (r["split"], r["user"]))
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        atomic_write(per_user, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return {**out, "ties": ties}
 
 
 def run_max_len(checkpoint_dir: str | Path, meta: dict | None = None) -> int | None:

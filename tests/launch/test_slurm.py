@@ -218,8 +218,8 @@ def test_evaluate_sbatch(slurm, per_gpu_run, tables):
     result = submit / "logs" / f"hellm-evaluate-{jid}.json"
     assert f"== metrics in {result}" in text
     got = json.loads(result.read_text())
-    assert set(got) == {"valid", "test"}
-    for split in got.values():
+    assert set(got) == {"valid", "test", "ties"} and got["ties"] == "expected"
+    for split in (got["valid"], got["test"]):
         assert set(split) == {"paper", "filtered"} and 0.0 <= split["paper"]["NDCG@10"] <= 1.0
     assert not list((submit / "logs").glob("*.tmp"))
 
