@@ -25,9 +25,6 @@ strings of one chunk):
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ import numpy as np
 
 from hellm_ds.data.importers import Chunk, ItemMeta
 from hellm_ds.errors import DataFormatError, UsageError
+from hellm_ds.utils.io import new_directory
 
 
 @dataclass
@@ -179,11 +177,7 @@ def _write_ids(path: Path, raw: np.ndarray) -> None:
 def write_dataset(out: str | Path, user_raw, item_raw, offsets, items, summary: dict,
                   meta: ItemMeta | None = None, overwrite: bool = False, catalogue: int | None = None) -> Path:
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_directory(out, overwrite) as tmp:
         _write_sequences(tmp / "sequences.txt", offsets, items)
         _write_ids(tmp / "user_ids.tsv", user_raw)
         _write_ids(tmp / "item_ids.tsv", item_raw)
@@ -206,13 +200,6 @@ def write_dataset(out: str | Path, user_raw, item_raw, offsets, items, summary: 
         if catalogue is not None:
             (tmp / "catalogue.json").write_text(json.dumps({"n_items": int(catalogue)}) + "\n", encoding="utf-8")
         (tmp / "import.json").write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

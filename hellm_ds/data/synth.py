@@ -17,15 +17,13 @@ The same arguments give the same bytes: one seeded ``numpy`` generator, determin
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hellm_ds.errors import UsageError
+from hellm_ds.utils.io import new_directory
 
 
 @dataclass(frozen=True)
@@ -145,12 +143,8 @@ def generate(cfg: SynthConfig) -> dict:
 def write_synthetic(out: str | Path, cfg: SynthConfig, overwrite: bool = False) -> Path:
     """Write a dataset directory (atomically: built in a temporary sibling, then renamed into place)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True, or --overwrite)")
-    data = generate(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with new_directory(out, overwrite) as tmp:  # a non-empty out is refused before the generation's work
+        data = generate(cfg)
         lines = [f"{u + 1} " + " ".join(map(str, s.tolist())) + "\n" for u, s in enumerate(data["sequences"])]
         (tmp / "sequences.txt").write_text("".join(lines))
         (tmp / "item2attributes.json").write_text(json.dumps({str(k): v for k, v in data["attributes"].items()}))
@@ -168,11 +162,4 @@ def write_synthetic(out: str | Path, cfg: SynthConfig, overwrite: bool = False) 
             + ".\nPlanted structure: item clusters driving sequences and features, Zipf popularity, "
             "item successors.\n"
         )
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -25,6 +25,26 @@ def strict_json(obj):
     return obj
 
 
+@contextlib.contextmanager
+def new_directory(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling of ``out`` to fill; on success it replaces ``out`` whole (a dataset appears
+    complete or not at all), on an error it is removed. A non-empty ``out`` is refused unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
     """``write(tmp_path)`` then ``os.replace`` onto ``path``; the temporary file is removed if ``write``
     raises (so ``write`` may also check, last, whether the replacement should still happen)."""

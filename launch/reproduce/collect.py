@@ -145,6 +145,7 @@ def main(argv=None) -> int:
     runs = sorted(Path(args.runs).glob("seed*"), key=lambda d: int(d.name[4:]))
     if not runs:
         raise SystemExit(f"no seed<k>/ directories in {args.runs}")
+    dataset = load_dataset(args.data, max_len=50)  # once: every row and seed is evaluated on it
     env = environment()
     env["git_commit"] = run_commit(Path(args.runs)) or env["git_commit"]  # the runs' commit, not collect's
     rows = {m: (label, order, args.command) for m, (_, label, order) in PIPELINE_ROWS.items()}
@@ -158,7 +159,6 @@ def main(argv=None) -> int:
             if model not in PIPELINE_ROWS and not (run / model / "results.json").is_file():
                 print(f"{model}: seed {seed} not run, skipped", file=sys.stderr)
                 continue
-            dataset = load_dataset(args.data, max_len=50)
             t0 = time.time()
             metrics = evaluate_row(model, run, dataset)
             want, facts = recorded(model, run)
