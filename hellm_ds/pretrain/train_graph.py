@@ -2,16 +2,13 @@
 
     hellm-ds pretrain-graph --data DIR --out DIR [--preset toys] [--epochs N] [--time-budget SECONDS]
 
-Loop: each epoch is one pass over the training (user, item) pairs in shuffled batches (a positive each,
-one uniformly drawn negative the user never trained on); Adam; every ``eval_every`` epochs full-ranking
-validation (scores u · iᵀ, both protocols); early stopping on the validation metric with ``patience``
-evaluations; the best-on-validation weights are kept, tested, and exported. ``checkpoint_last.pt`` is written
-after every epoch (atomically), and ``resume=True`` continues from it on exactly the same trajectory
-(sampling comes from a seeded generator whose state is checkpointed). Deterministic by seed on CPU.
-``time_budget`` counts training time across resumes (as SASRec's): training stops after the epoch that
-crosses it (that epoch is validated), and a resumed run that has already early-stopped or spent its budget
-trains no further epoch — it re-tests and re-exports the best weights (raise ``epochs``/``time_budget`` to
-train on).
+Loop (the shared one, ``hellm_ds.utils.loop``: epochs from 1, time budget across resumes, validation every
+``eval_every`` epochs, early stopping, best-state keeping, checkpoint/resume, one log schema): each epoch is
+one pass over the training (user, item) pairs in shuffled batches (a positive each, one uniformly drawn
+negative the user never trained on); Adam; full-ranking validation (scores u · iᵀ, both protocols); the
+best-on-validation weights are kept, tested, and exported. ``checkpoint_last.pt`` is written after every
+epoch (atomically), and ``resume=True`` continues from it on exactly the same trajectory (sampling comes
+from a seeded generator whose state is checkpointed). Deterministic by seed on CPU.
 
 Export: ``user`` [U+1, d] (row 0 padding; row u+1 = the dataset's internal user u, i.e. file order),
 ``item`` [I+1, d] (row = item id), ``user_ids`` [U] (external ids), metadata: dataset fingerprint,
@@ -20,7 +17,6 @@ hyper-parameters, best epoch and metrics.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -36,12 +32,15 @@ from hellm_kernels.spmm import BACKENDS
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
 from hellm_ds.utils.device import resolve_device
-from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, save_state
+from hellm_ds.utils.checkpoint import check_export_owner, export_tensors
 from hellm_ds.utils.early_stop import EarlyStopper
-from hellm_ds.utils.progress import progress_bar, progress_line
+from hellm_ds.utils.loop import (FileCheckpoint, LoopConfig, LoopState, refuse_used_directory, run_loop,
+                                 start_log)
+from hellm_ds.utils.progress import progress_bar
 from hellm_ds.utils.runlog import RunLog
 
 EXPORT_NAME = "graph_embeddings.safetensors"
+CHECKPOINT_NAME = "checkpoint_last.pt"
 
 
 @dataclass(frozen=True)
@@ -93,115 +92,104 @@ class NegativeSampler:
         return neg
 
 
-def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, resume: bool = False,
-                progress: bool = True, graphs: Graphs | None = None, cache_dir: str | Path | None = None) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    check_export_owner(out / EXPORT_NAME, dataset.fingerprint)
-    ckpt = out / "checkpoint_last.pt"
-    if not resume and ckpt.exists():
-        raise UsageError(f"{ckpt} exists: pass resume=True (--resume) to continue that run, or use a new --out")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    if graphs is None:
-        graphs = load_or_build(dataset, GraphConfig(knn_k=cfg.knn_k), cache_dir or out / "graph_cache")
-    model = MMHCL(graphs, cfg.model, backend=cfg.backend).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    users_np, items_np = dataset.train_interactions()
-    items0_np = items_np - 1
-    sampler = NegativeSampler(users_np, items0_np, dataset.n_items)
-    pairs_u, pairs_i = torch.from_numpy(users_np), torch.from_numpy(items0_np)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    stopper = EarlyStopper(cfg.patience)
-    log = RunLog(out, fresh=not resume)
-    start_epoch, best_state, best_metrics, elapsed_before = 0, None, None, 0.0
+class _GraphRecipe:
+    """The graph recipe's part of the shared loop (``hellm_ds.utils.loop``)."""
 
-    if resume:
-        if not ckpt.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt}")
-        st = load_state(ckpt)
-        if st.get("recipe", "graph") != "graph":
-            raise UsageError(f"{ckpt} is a {st['recipe']} checkpoint: give each stage-1 recipe its own --out")
-        if st["dataset"] != dataset.fingerprint or _resumable(st["config"]) != _resumable(_cfg_dict(cfg)):
-            raise UsageError(f"{ckpt} belongs to another dataset or configuration; refusing to resume from it")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        gen.set_state(st["generator"])
-        stopper.load_state_dict(st["stopper"])
-        start_epoch, best_state, best_metrics = st["epoch"] + 1, st["best_state"], st["best_metrics"]
-        elapsed_before = st["elapsed"]
-        log.log("resume", epoch=st["epoch"])
+    name = "graph"
 
-    t0 = time.time()
+    def __init__(self, model: MMHCL, dataset: Dataset, cfg: GraphTrainConfig, device, progress: bool,
+                 ckpt: FileCheckpoint):
+        self.model, self.dataset, self.cfg, self.device, self.progress, self.ckpt = \
+            model, dataset, cfg, device, progress, ckpt
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        users, items = dataset.train_interactions()
+        self.sampler = NegativeSampler(users, items - 1, dataset.n_items)
+        self.pairs_u, self.pairs_i = torch.from_numpy(users), torch.from_numpy(items - 1)
+        self.gen = torch.Generator().manual_seed(cfg.seed)  # its state is checkpointed: resume is exact
+        self.best_state: dict | None = None
 
-    def budget_spent() -> bool:
-        return cfg.time_budget is not None and elapsed_before + time.time() - t0 >= cfg.time_budget
+    def load_state_dict(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optim"])
+        self.gen.set_state(st["generator"])
+        self.best_state = st["best_state"]
 
-    epoch_seconds: list[float] = []
-    n_pairs = pairs_u.numel()
-    steps = (n_pairs + cfg.batch_size - 1) // cfg.batch_size
-    epoch = start_epoch - 1
-    spent = cfg.time_budget is not None and elapsed_before >= cfg.time_budget  # by the checkpointed epochs
-    stop_reason = "early_stop" if stopper.should_stop else "time_budget" if spent else "epochs"
-    while stop_reason == "epochs" and epoch + 1 < cfg.epochs:
-        epoch += 1
-        model.train()
-        te = time.time()
-        perm = torch.randperm(n_pairs, generator=gen)
+    def train_epoch(self, epoch: int, state: LoopState) -> dict:
+        self.model.train()
+        n_pairs, bs = self.pairs_u.numel(), self.cfg.batch_size
+        steps = (n_pairs + bs - 1) // bs
+        perm = torch.randperm(n_pairs, generator=self.gen)
         sums: dict[str, float] = {}
-        bar = progress_bar(range(steps), desc=f"graph epoch {epoch}", enabled=progress)
+        bar = progress_bar(range(steps), desc=f"graph epoch {epoch}", enabled=self.progress)
         for s in bar:
-            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            u, p = pairs_u[idx], pairs_i[idx]
-            n = sampler(u, gen)
-            terms = model.loss(u.to(device), p.to(device), n.to(device))
+            idx = perm[s * bs: (s + 1) * bs]
+            u, p = self.pairs_u[idx], self.pairs_i[idx]
+            n = self.sampler(u, self.gen)
+            terms = self.model.loss(u.to(self.device), p.to(self.device), n.to(self.device))
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {s}: {terms['loss'].item()}")
-            opt.zero_grad(set_to_none=True)
+            self.opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
-            opt.step()
+            self.opt.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             bar.set_postfix(loss=f"{sums['loss'] / (s + 1):.4f}")
-        rec = {k: v / steps for k, v in sums.items()}
-        epoch_seconds.append(time.time() - te)
-        rec["seconds"] = round(epoch_seconds[-1], 3)
-        budget_hit = budget_spent()
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or budget_hit:
-            valid = _evaluate(model, dataset, ("valid",), cfg, device, progress)["valid"]
-            rec["valid"] = valid
-            if stopper.update(valid[cfg.select_protocol][cfg.select_metric], epoch):
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                best_metrics = valid
-        log.log("epoch", step=epoch, **rec)
-        if progress:  # one line per epoch (the bar is drawn on a terminal only)
-            v = rec["valid"][cfg.select_protocol][cfg.select_metric] if "valid" in rec else None
-            sel = "" if v is None else f", valid {cfg.select_protocol} {cfg.select_metric} {v:.4f}"
-            progress_line(f"graph epoch {epoch}: loss {rec['loss']:.4f} ({rec['seconds']:.1f} s){sel}")
-        save_state(ckpt, {"recipe": "graph", "model": model.state_dict(), "optim": opt.state_dict(),
-                          "generator": gen.get_state(), "stopper": stopper.state_dict(), "epoch": epoch,
-                          "best_state": best_state, "best_metrics": best_metrics,
-                          "elapsed": elapsed_before + time.time() - t0, "dataset": dataset.fingerprint,
-                          "config": _cfg_dict(cfg)})
-        stop_reason = "early_stop" if stopper.should_stop else "time_budget" if budget_hit else "epochs"
+        state.step += steps
+        return {k: v / steps for k, v in sums.items()}
 
-    if best_state is None:  # never evaluated (e.g. a budget shorter than one eval period): use the last weights
-        valid = _evaluate(model, dataset, ("valid",), cfg, device, progress)["valid"]
-        best_state, best_metrics = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, valid
-        stopper.update(valid[cfg.select_protocol][cfg.select_metric], epoch)
-    model.load_state_dict(best_state)
-    test = _evaluate(model, dataset, ("test",), cfg, device, progress)["test"]
-    seconds = elapsed_before + time.time() - t0
-    result = {"valid": best_metrics, "test": test, "ties": cfg.ties, "best_epoch": stopper.best_epoch,
-              "epochs_run": epoch + 1, "stop_reason": stop_reason, "seconds": round(seconds, 2),
-              "train_seconds_per_epoch": round(float(np.mean(epoch_seconds)), 3) if epoch_seconds else None}
-    user, item = model.embeddings()
-    pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t]).float().cpu()  # noqa: E731
-    export_tensors(out / EXPORT_NAME, {"user": pad(user), "item": pad(item),
-                                       "user_ids": torch.from_numpy(dataset.user_ids.copy())},
-                   {"stage": "graph", "config": _cfg_dict(cfg), "result": result, "max_len": dataset.max_len},
-                   dataset.fingerprint)
-    log.log("final", **result)
+    def validate(self) -> dict:
+        return _evaluate(self.model, self.dataset, ("valid",), self.cfg, self.device, self.progress)["valid"]
+
+    def keep_best(self, epoch: int, valid: dict, state: LoopState) -> None:
+        self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def save(self, state: LoopState) -> None:
+        self.ckpt.save(state, {"model": self.model.state_dict(), "optim": self.opt.state_dict(),
+                               "generator": self.gen.get_state(), "best_state": self.best_state})
+
+    def final_test(self, state: LoopState) -> dict:
+        self.model.load_state_dict(self.best_state)
+        return _evaluate(self.model, self.dataset, ("test",), self.cfg, self.device, self.progress)["test"]
+
+    def export(self, result: dict) -> dict:
+        user, item = self.model.embeddings()
+        pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t]).float().cpu()  # noqa: E731
+        export_tensors(self.ckpt.path.parent / EXPORT_NAME,
+                       {"user": pad(user), "item": pad(item),
+                        "user_ids": torch.from_numpy(self.dataset.user_ids.copy())},
+                       {"stage": "graph", "config": _cfg_dict(self.cfg), "result": result,
+                        "max_len": self.dataset.max_len}, self.dataset.fingerprint)
+        return {}
+
+
+def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, resume: bool = False,
+                progress: bool = True, graphs: Graphs | None = None, cache_dir: str | Path | None = None) -> dict:
+    """Train (or resume), select on validation, test the selected weights, export; see the module docstring.
+    Returns the loop's result (``hellm_ds.utils.loop``)."""
+    out = Path(out_dir)
+    check_export_owner(out / EXPORT_NAME, dataset.fingerprint)
+    ckpt = FileCheckpoint(out / CHECKPOINT_NAME, "graph", dataset.fingerprint, _cfg_dict(cfg), _RESUME_FREE)
+    refuse_used_directory(ckpt.path, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if graphs is None:
+        graphs = load_or_build(dataset, GraphConfig(knn_k=cfg.knn_k), cache_dir or out / "graph_cache")
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)  # initialisation depends on the seed only
+        model = MMHCL(graphs, cfg.model, backend=cfg.backend).to(device)
+    recipe = _GraphRecipe(model, dataset, cfg, device, progress, ckpt)
+    state = LoopState(stopper=EarlyStopper(cfg.patience))
+    if resume:
+        state, recipe_state = ckpt.load(cfg.patience)
+        recipe.load_state_dict(recipe_state)
+    log = RunLog(out, fresh=not resume)
+    start_log(log, "graph", resume, state, config=_cfg_dict(cfg), dataset=dataset.fingerprint,
+              train_pairs=int(recipe.pairs_u.numel()), n_items=dataset.n_items)
+    lc = LoopConfig(epochs=cfg.epochs, eval_every=cfg.eval_every, patience=cfg.patience,
+                    time_budget=cfg.time_budget, select_protocol=cfg.select_protocol,
+                    select_metric=cfg.select_metric)
+    result = run_loop(recipe, lc, state, log, progress, extra_result={"ties": cfg.ties})
     log.close()
     return result
 
@@ -210,9 +198,8 @@ def _cfg_dict(cfg: GraphTrainConfig) -> dict:
     return asdict(cfg)
 
 
-def _resumable(cfg: dict) -> dict:
-    """The part of a configuration a resumed run must share (more epochs or time are fine)."""
-    return {k: v for k, v in cfg.items() if k not in ("epochs", "time_budget", "device", "backend")}
+# may differ between a checkpoint and the run resuming it: they do not change the trajectory
+_RESUME_FREE = {"epochs", "time_budget", "patience", "eval_every", "device", "backend", "eval_batch_size"}
 
 
 def _evaluate(model: MMHCL, dataset: Dataset, splits, cfg: GraphTrainConfig, device, progress) -> dict:

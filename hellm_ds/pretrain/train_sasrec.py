@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -57,9 +56,11 @@ from hellm_ds.eval.metrics import DEFAULT_KS, METRICS, TIE_RULES
 from hellm_ds.eval.ranking import PROTOCOLS
 from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
 from hellm_ds.utils.device import resolve_device
-from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_state, load_tensors, save_state
+from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_tensors
 from hellm_ds.utils.early_stop import EarlyStopper
-from hellm_ds.utils.progress import progress_bar, progress_line
+from hellm_ds.utils.loop import (FileCheckpoint, LoopConfig, LoopState, refuse_used_directory, run_loop,
+                                 start_log)
+from hellm_ds.utils.progress import progress_bar
 from hellm_ds.utils.runlog import RunLog
 
 EXPORT_NAME = "sequential_item_embeddings.safetensors"
@@ -136,11 +137,6 @@ class SASRecTrainConfig:
 _RESUME_FREE = {"epochs", "time_budget", "patience", "eval_every", "device", "num_threads", "eval_batch_size"}
 
 
-def _trajectory_fields(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _RESUME_FREE}
-
-
-
 def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """An independent 63-bit seed per (seed, epoch, stream): stream 0 = shuffling, 1 = dropout."""
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -209,142 +205,104 @@ def train_sasrec(dataset: Dataset, cfg: SASRecTrainConfig, out_dir: str | Path, 
         torch.set_num_threads(threads)
 
 
-def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, progress: bool) -> dict:
-    t0 = time.perf_counter()
-    if dataset.max_len > cfg.max_len:
-        raise UsageError(f"dataset max_len {dataset.max_len} exceeds the model's max_len {cfg.max_len}")
-    out.mkdir(parents=True, exist_ok=True)
-    fingerprint = dataset.fingerprint
-    for name in (EXPORT_NAME, MODEL_NAME):
-        check_export_owner(out / name, fingerprint)
-    ckpt_path = out / CHECKPOINT_NAME
-    if not resume and ckpt_path.exists():
-        raise UsageError(f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, "
-                         "or use a new output directory")
-    device = resolve_device(cfg.device)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
+class _SASRecRecipe:
+    """The SASRec recipe's part of the shared loop (``hellm_ds.utils.loop``)."""
 
-    data = _TrainSequences(dataset)
-    if len(data) == 0:
-        raise UsageError("no user has ≥ 2 training items: nothing to train SASRec on")
-    cfg_dict = asdict(cfg)
-    with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(cfg.seed)  # initialisation depends on the seed only
-        model = build_model(dataset.n_items, cfg)
-    model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stopper = EarlyStopper(cfg.patience)
-    epoch, best_state, best_valid, elapsed_before = 0, None, None, 0.0
+    name = "sasrec"
 
-    if resume:
-        if not ckpt_path.is_file():
-            raise UsageError(f"resume: no checkpoint at {ckpt_path}")
-        st = load_state(ckpt_path)
-        if st.get("recipe", "sasrec") != "sasrec":
-            raise UsageError(f"{ckpt_path} is a {st['recipe']} checkpoint: give each stage-1 recipe its own --out")
-        if st["dataset"] != fingerprint:
-            raise UsageError(f"{ckpt_path} was trained on another dataset; refusing to resume from it")
-        if _trajectory_fields(st["config"]) != _trajectory_fields(cfg_dict):
-            diff = {k: (st["config"].get(k), v) for k, v in _trajectory_fields(cfg_dict).items()
-                    if st["config"].get(k) != v}
-            raise UsageError(f"{ckpt_path} was trained with other hyper-parameters (checkpoint, now): {diff}")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        stopper.load_state_dict(st["stopper"])
-        epoch, best_state, best_valid = int(st["epoch"]), st["best_state"], st["best_valid"]
-        elapsed_before = float(st.get("elapsed", 0.0))
+    def __init__(self, model: SASRec, data: _TrainSequences, dataset: Dataset, cfg: SASRecTrainConfig, device,
+                 progress: bool, ckpt: FileCheckpoint):
+        self.model, self.data, self.dataset, self.cfg, self.device, self.progress, self.ckpt = \
+            model, data, dataset, cfg, device, progress, ckpt
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.fork_devices = [device.index or 0] if device.type == "cuda" else []
+        self.best_state: dict | None = None
 
-    log = RunLog(out, fresh=not resume)
-    if resume:
-        log.log("resume", step=epoch, epoch=epoch)
-    else:
-        log.log("start", config=cfg_dict, dataset=fingerprint, train_users=len(data),
-                train_targets=data.n_targets, n_items=dataset.n_items,
-                parameters=sum(p.numel() for p in model.parameters()))
+    def load_state_dict(self, st: dict) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optim"])
+        self.best_state = st["best_state"]
 
-    n_batches = math.ceil(len(data) / cfg.batch_size)
-    train_seconds: list[float] = []
-
-    def budget_spent() -> bool:
-        return cfg.time_budget is not None and elapsed_before + time.perf_counter() - t0 >= cfg.time_budget
-
-    spent = cfg.time_budget is not None and elapsed_before >= cfg.time_budget  # by the checkpointed epochs
-    stop_reason = "early_stop" if stopper.should_stop else "time_budget" if spent else "epochs"
-    while stop_reason == "epochs" and epoch < cfg.epochs:
-        epoch += 1
-        te = time.perf_counter()
-        model.train()
+    def train_epoch(self, epoch: int, state: LoopState) -> dict:
+        cfg, data = self.cfg, self.data
+        self.model.train()
         shuffle = torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch, 0))
         perm = torch.randperm(len(data), generator=shuffle).numpy()
+        n_batches = math.ceil(len(data) / cfg.batch_size)
         loss_sum, n_sum = 0.0, 0
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))
-            bar = progress_bar(range(n_batches), desc=f"sasrec epoch {epoch}", enabled=progress)
+        with torch.random.fork_rng(devices=self.fork_devices):
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, 1))  # dropout: a function of (seed, epoch)
+            bar = progress_bar(range(n_batches), desc=f"sasrec epoch {epoch}", enabled=self.progress)
             for b in bar:
-                inputs, targets = data.batch(perm[b * cfg.batch_size : (b + 1) * cfg.batch_size])
-                loss, n = _sequence_loss(model, inputs.to(device), targets.to(device))
-                opt.zero_grad(set_to_none=True)
+                inputs, targets = data.batch(perm[b * cfg.batch_size: (b + 1) * cfg.batch_size])
+                loss, n = _sequence_loss(self.model, inputs.to(self.device), targets.to(self.device))
+                self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                self.opt.step()
                 loss_sum += float(loss.detach()) * n
                 n_sum += n
                 if b % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / n_sum:.4f}")
-        epoch_loss = loss_sum / n_sum
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"SASRec loss is {epoch_loss} at epoch {epoch}; lower lr")
-        secs = time.perf_counter() - te
-        train_seconds.append(secs)
+        if not math.isfinite(loss_sum / n_sum):
+            raise FloatingPointError(f"SASRec loss is {loss_sum / n_sum} at epoch {epoch}; lower lr")
+        state.step += n_batches
+        return {"loss": loss_sum / n_sum}
 
-        budget_hit = budget_spent()
-        valid = None
-        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs or budget_hit:
-            valid = _evaluate(model, dataset, "valid", cfg, device, progress)
-            if stopper.update(valid[cfg.select_protocol][cfg.select_metric], epoch):
-                best_state, best_valid = _cpu_copy(model.state_dict()), valid
-        rec = {"loss": epoch_loss, "seconds": round(secs, 3)}
-        if valid is not None:
-            rec["valid"] = valid
-        log.log("epoch", step=epoch, epoch=epoch, **rec)
-        if progress:
-            v = None if valid is None else valid[cfg.select_protocol][cfg.select_metric]
-            sel = "" if v is None else f", valid {cfg.select_protocol} {cfg.select_metric} {v:.4f}"
-            progress_line(f"sasrec epoch {epoch}: loss {epoch_loss:.4f} ({secs:.1f} s){sel}")  # stderr
-        save_state(ckpt_path, {
-            "recipe": "sasrec", "model": model.state_dict(), "optim": opt.state_dict(), "epoch": epoch,
-            "stopper": stopper.state_dict(), "best_state": best_state, "best_valid": best_valid,
-            "elapsed": elapsed_before + time.perf_counter() - t0, "dataset": fingerprint, "config": cfg_dict,
-        })
-        stop_reason = "early_stop" if stopper.should_stop else "time_budget" if budget_hit else "epochs"
+    def validate(self) -> dict:
+        return _evaluate(self.model, self.dataset, "valid", self.cfg, self.device, self.progress)
 
-    if best_state is None:  # no evaluation yet (e.g. epochs=0): the current weights are the only candidate
-        best_valid = _evaluate(model, dataset, "valid", cfg, device, progress)
-        stopper.update(best_valid[cfg.select_protocol][cfg.select_metric], epoch)
-        best_state = _cpu_copy(model.state_dict())
-    model.load_state_dict(best_state)
-    test = _evaluate(model, dataset, "test", cfg, device, progress)
+    def keep_best(self, epoch: int, valid: dict, state: LoopState) -> None:
+        self.best_state = _cpu_copy(self.model.state_dict())
 
-    meta = {"kind": "sasrec", "config": cfg_dict, "n_items": dataset.n_items,
-            "best_epoch": stopper.best_epoch, "epochs_run": epoch, "valid": best_valid, "test": test,
-            "input_scale": math.sqrt(cfg.dim)}  # the model feeds √d · E[x] into its first block
-    table = model.item_embeddings().detach().cpu().clone()
-    table[0] = 0.0  # padding_idx keeps it zero already; the export guarantees it
-    export_tensors(out / EXPORT_NAME, {"item": table}, meta, fingerprint)
-    export_tensors(out / MODEL_NAME, _cpu_copy(model.state_dict()), meta, fingerprint)
+    def save(self, state: LoopState) -> None:
+        self.ckpt.save(state, {"model": self.model.state_dict(), "optim": self.opt.state_dict(),
+                               "best_state": self.best_state})
 
-    result = {
-        "valid": best_valid,
-        "test": test,
-        "ties": cfg.ties,
-        "best_epoch": stopper.best_epoch,
-        "epochs_run": epoch,
-        "stop_reason": stop_reason,
-        "seconds": round(elapsed_before + time.perf_counter() - t0, 3),  # across resumes, as the budget
-        "seconds_per_epoch": round(float(np.mean(train_seconds)), 3) if train_seconds else None,
-        "item_embeddings": str(out / EXPORT_NAME),
-        "model": str(out / MODEL_NAME),
-    }
-    log.log("result", step=epoch, **result)
+    def final_test(self, state: LoopState) -> dict:
+        self.model.load_state_dict(self.best_state)
+        return _evaluate(self.model, self.dataset, "test", self.cfg, self.device, self.progress)
+
+    def export(self, result: dict) -> dict:
+        out, cfg = self.ckpt.path.parent, self.cfg
+        meta = {"kind": "sasrec", "config": asdict(cfg), "n_items": self.dataset.n_items,
+                "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"], "valid": result["valid"],
+                "test": result["test"], "input_scale": math.sqrt(cfg.dim)}  # the model feeds √d · E[x]
+        table = self.model.item_embeddings().detach().cpu().clone()
+        table[0] = 0.0  # padding_idx keeps it zero already; the export guarantees it
+        export_tensors(out / EXPORT_NAME, {"item": table}, meta, self.dataset.fingerprint)
+        export_tensors(out / MODEL_NAME, _cpu_copy(self.model.state_dict()), meta, self.dataset.fingerprint)
+        return {"item_embeddings": str(out / EXPORT_NAME), "model": str(out / MODEL_NAME)}
+
+
+def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, progress: bool) -> dict:
+    if dataset.max_len > cfg.max_len:
+        raise UsageError(f"dataset max_len {dataset.max_len} exceeds the model's max_len {cfg.max_len}")
+    for name in (EXPORT_NAME, MODEL_NAME):
+        check_export_owner(out / name, dataset.fingerprint)
+    cfg_dict = asdict(cfg)
+    ckpt = FileCheckpoint(out / CHECKPOINT_NAME, "sasrec", dataset.fingerprint, cfg_dict, _RESUME_FREE)
+    refuse_used_directory(ckpt.path, resume)
+    device = resolve_device(cfg.device)
+    data = _TrainSequences(dataset)
+    if len(data) == 0:
+        raise UsageError("no user has ≥ 2 training items: nothing to train SASRec on")
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # initialisation depends on the seed only
+        model = build_model(dataset.n_items, cfg)
+    recipe = _SASRecRecipe(model.to(device), data, dataset, cfg, device, progress, ckpt)
+    state = LoopState(stopper=EarlyStopper(cfg.patience))
+    if resume:
+        state, recipe_state = ckpt.load(cfg.patience)
+        recipe.load_state_dict(recipe_state)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, fresh=not resume)
+    start_log(log, "sasrec", resume, state, config=cfg_dict, dataset=dataset.fingerprint, train_users=len(data),
+              train_targets=data.n_targets, n_items=dataset.n_items,
+              parameters=sum(p.numel() for p in model.parameters()))
+    lc = LoopConfig(epochs=cfg.epochs, eval_every=cfg.eval_every, patience=cfg.patience,
+                    time_budget=cfg.time_budget, select_protocol=cfg.select_protocol,
+                    select_metric=cfg.select_metric)
+    result = run_loop(recipe, lc, state, log, progress, extra_result={"ties": cfg.ties})
     log.close()
     return result
 

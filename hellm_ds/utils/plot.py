@@ -7,16 +7,11 @@ or from Python::
     from hellm_ds.utils.plot import plot_run
     info = plot_run("runs/graph")           # {"files": [{"path": ".../loss.png", "shows": "..."}, ...], ...}
 
-The three recipes log different events; the recipe is recognised from them:
-
-- ``graph``    (``hellm_ds.pretrain.train_graph``): ``epoch`` (step = 0-based epoch, ``loss`` and its terms
-  ``bpr``/``reg``/``cl_user``/``cl_item``, optional ``valid``), ``final`` (best ``valid``, ``test``,
-  ``best_epoch``), ``resume``;
-- ``sasrec``   (``hellm_ds.pretrain.train_sasrec``): ``start``, ``epoch`` (step = 1-based epoch, ``loss``,
-  optional ``valid``), ``result`` (``test``, ``best_epoch``), ``resume``;
-- ``finetune`` (``hellm_ds.train.finetune``): ``start``, ``train`` (one per optimiser step: ``loss``, ``lr``),
-  ``valid``/``test`` (per epoch, ``metrics: {"paper": {...}, "filtered": {...}}``), ``checkpoint``,
-  ``done`` (``best_epoch``), ``resume``.
+The recipes share one log schema (``hellm_ds.utils.loop``): ``start`` (naming the recipe), ``resume``,
+``epoch`` (``epoch`` from 1, ``loss`` and the graph recipe's terms ``bpr``/``reg``/``cl_user``/``cl_item``,
+``valid`` when validated), ``result`` (best ``valid``, ``test``, ``best_epoch``). Fine-tuning also logs
+``train`` (one per optimiser step: ``loss``, ``lr``), ``valid``/``test`` (per epoch, ``metrics``),
+``checkpoint`` and ``done`` (``best_epoch``). Stage-1 curves are drawn per epoch, fine-tuning's per step.
 
 Files written to ``out`` (default ``DIR/plots``), each atomically (a temporary file, then ``os.replace``):
 
@@ -144,6 +139,9 @@ def _metrics(path: Path, ln: int, obj, what: str) -> dict:
 
 
 def detect_recipe(records: list[dict]) -> str:
+    for r in records:  # the shared loop's start record names its recipe (hellm_ds.utils.loop)
+        if r["event"] == "start" and r.get("recipe") in ("graph", "sasrec", "finetune"):
+            return r["recipe"]
     events = {r["event"] for r in records}
     if events & {"train", "valid", "test", "done", "checkpoint"}:
         return "finetune"
@@ -205,12 +203,10 @@ def parse_run(run_dir: str | Path) -> dict:
         ev = rec["event"]
         if ev == "resume":
             resumes += 1
-            if "step" in rec:
-                at = _step(log_path, ln, rec)
-            elif "epoch" in rec:  # graph: the epoch the checkpoint holds; the next record is epoch + 1
-                at = _step(log_path, ln, rec, "epoch")
-            else:
+            key = "step" if recipe == "finetune" else "epoch"  # stage 1 is drawn per epoch
+            if key not in rec:
                 continue
+            at = _step(log_path, ln, rec, key)
             for series in (loss, lr, valid, test, *terms.values()):
                 series.truncate_after(at)
         elif recipe == "finetune":
@@ -232,7 +228,7 @@ def parse_run(run_dir: str | Path) -> dict:
                 best_epoch = be if isinstance(be, int) and not isinstance(be, bool) else None
         else:  # graph / sasrec: one record per epoch
             if ev == "epoch":
-                s = _step(log_path, ln, rec)
+                s = _step(log_path, ln, rec, "epoch" if "epoch" in rec else "step")
                 loss.put(s, _num(log_path, ln, rec, "loss"))
                 for k in GRAPH_TERMS:
                     if k in rec:

@@ -224,7 +224,7 @@ def test_resume_refuses_the_graph_recipes_checkpoint(synth, tmp_path):
     from hellm_ds.pretrain.train_graph import GraphTrainConfig, train_graph
 
     train_graph(synth, GraphTrainConfig(epochs=1, batch_size=256), tmp_path, progress=False)
-    with pytest.raises(UsageError, match="is a graph checkpoint: give each stage-1 recipe its own --out"):
+    with pytest.raises(UsageError, match="is a graph checkpoint: give each recipe its own --out"):
         train_sasrec(synth, SASRecTrainConfig(epochs=1, **FAST), tmp_path, resume=True, progress=False)
 
 

@@ -45,7 +45,7 @@ def test_export_roundtrip_and_metadata(trained):
     again = evaluate(ds, "test", lambda b: t["user"][b["users"] + 1], item_vectors=t["item"], progress=False)
     assert again["paper"]["NDCG@10"] == pytest.approx(res["test"]["paper"]["NDCG@10"], abs=1e-6)
     log = read_log(out / "log.jsonl")
-    assert [r["event"] for r in log][-1] == "final" and all("loss" in r for r in log if r["event"] == "epoch")
+    assert [r["event"] for r in log][-1] == "result" and all("loss" in r for r in log if r["event"] == "epoch")
 
 
 def test_resume_continues_the_same_trajectory(synth_dir, tmp_path):
@@ -64,7 +64,7 @@ def test_resume_continues_the_same_trajectory(synth_dir, tmp_path):
 def test_resume_refuses_other_configuration(synth_dir, tmp_path):
     ds = load_dataset(synth_dir)
     train_graph(ds, GraphTrainConfig(model=MMHCLConfig(dim=8), epochs=1, **FAST), tmp_path, progress=False)
-    with pytest.raises(UsageError, match="another dataset or configuration"):
+    with pytest.raises(UsageError, match=r"other hyper-parameters \(checkpoint, now\): .*'model'"):
         train_graph(ds, GraphTrainConfig(model=MMHCLConfig(dim=16), epochs=2, **FAST), tmp_path, resume=True)
 
 
@@ -72,23 +72,23 @@ def test_resume_after_a_stop_trains_no_further_epoch(synth_dir, tmp_path):
     """Early-stopped or out of budget: a resume re-tests and re-exports the best weights without training;
     a larger budget trains on. The budget counts across resumes."""
     ds = load_dataset(synth_dir)
-    epochs = lambda d: [r["step"] for r in read_log(d / "log.jsonl") if r["event"] == "epoch"]  # noqa: E731
+    epochs = lambda d: [r["epoch"] for r in read_log(d / "log.jsonl") if r["event"] == "epoch"]  # noqa: E731
     cfg = GraphTrainConfig(model=MMHCLConfig(dim=8), epochs=30, **{**FAST, "eval_every": 1, "patience": 1})
     first = train_graph(ds, cfg, tmp_path / "es", progress=False)
     assert first["stop_reason"] == "early_stop" and first["epochs_run"] < 30
     again = train_graph(ds, cfg, tmp_path / "es", resume=True, progress=False)
-    assert epochs(tmp_path / "es") == list(range(first["epochs_run"]))
+    assert epochs(tmp_path / "es") == list(range(1, first["epochs_run"] + 1))
     assert again["test"] == first["test"] and again["stop_reason"] == "early_stop"
 
     cfg = GraphTrainConfig(model=MMHCLConfig(dim=8), epochs=3, time_budget=1e-3, **FAST)
     first = train_graph(ds, cfg, tmp_path / "tb", progress=False)
-    assert first["stop_reason"] == "time_budget" and epochs(tmp_path / "tb") == [0]
+    assert first["stop_reason"] == "time_budget" and epochs(tmp_path / "tb") == [1]
     assert "valid" in read_log(tmp_path / "tb" / "log.jsonl")[-2]  # the budget's last epoch is validated
     train_graph(ds, cfg, tmp_path / "tb", resume=True, progress=False)
-    assert epochs(tmp_path / "tb") == [0]
+    assert epochs(tmp_path / "tb") == [1]
     more = train_graph(ds, GraphTrainConfig(**{**cfg.__dict__, "time_budget": None}), tmp_path / "tb",
                        resume=True, progress=False)
-    assert more["stop_reason"] == "epochs" and epochs(tmp_path / "tb") == [0, 1, 2]
+    assert more["stop_reason"] == "epochs" and epochs(tmp_path / "tb") == [1, 2, 3]
 
 
 def test_resume_refuses_the_sasrec_recipes_checkpoint(synth_dir, tmp_path):
@@ -96,7 +96,7 @@ def test_resume_refuses_the_sasrec_recipes_checkpoint(synth_dir, tmp_path):
 
     ds = load_dataset(synth_dir)
     train_sasrec(ds, SASRecTrainConfig(epochs=1, batch_size=256), tmp_path, progress=False)
-    with pytest.raises(UsageError, match="is a sasrec checkpoint: give each stage-1 recipe its own --out"):
+    with pytest.raises(UsageError, match="is a sasrec checkpoint: give each recipe its own --out"):
         train_graph(ds, GraphTrainConfig(epochs=1, **FAST), tmp_path, resume=True, progress=False)
 
 

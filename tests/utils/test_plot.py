@@ -49,7 +49,7 @@ def _metrics(base: float) -> dict:
 # ---- real stage-1 runs ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def graph_run(synth_dir, tmp_path_factory):
-    """2 epochs, then resumed to 3: the log holds epoch, final, resume, epoch, final."""
+    """2 epochs, then resumed to 3: the log holds start, epoch, epoch, result, resume, epoch, result."""
     out = tmp_path_factory.mktemp("plot_graph") / "run"
     ds = load_dataset(synth_dir)
     kw = {"model": MMHCLConfig(dim=16), "batch_size": 256, "eval_every": 1, "patience": 3, "device": "cpu",
@@ -71,7 +71,7 @@ def sasrec_run(synth_dir, tmp_path_factory):
 def test_graph_run(graph_run):
     out, res = graph_run
     events = [r["event"] for r in read_log(out / "log.jsonl")]
-    assert events == ["epoch", "epoch", "final", "resume", "epoch", "final"]
+    assert events == ["start", "epoch", "epoch", "result", "resume", "epoch", "result"]
     info = plot.plot_run(out)
     assert info["recipe"] == "graph" and info["resumes"] == 1
     assert info["out"] == str(out / "plots")
@@ -81,7 +81,7 @@ def test_graph_run(graph_run):
         assert f["path"].startswith(str(out / "plots")) and f["shows"]
         assert_png(out / "plots" / f["name"])
     assert_png(out / "plots" / "loss.png", width=700)
-    assert files["loss.png"]["points"] == 3 and files["loss.png"]["x"] == [0, 2]
+    assert files["loss.png"]["points"] == 3 and files["loss.png"]["x"] == [1, 3]
     assert "bpr" in files["loss_terms.png"]["shows"] and "cl_user" in files["loss_terms.png"]["shows"]
     assert "test at the best epoch" in files["metrics.png"]["shows"]
     assert info["best_epoch"] == res["best_epoch"]
@@ -101,8 +101,8 @@ def test_graph_run_curves(graph_run):
     run = plot.parse_run(out)
     epochs = [r for r in read_log(out / "log.jsonl") if r["event"] == "epoch"]
     assert run["x_label"] == "epoch"
-    assert run["loss"] == [(r["step"], r["loss"]) for r in epochs]
-    assert [x for x, _ in run["valid"]] == [0, 1, 2]
+    assert run["loss"] == [(r["epoch"], r["loss"]) for r in epochs]
+    assert [x for x, _ in run["valid"]] == [1, 2, 3]
     assert run["valid"][1][1]["filtered"]["NDCG@10"] == epochs[1]["valid"]["filtered"]["NDCG@10"]
     assert run["test"][0] == res["best_epoch"]
     assert set(run["terms"]) == {"bpr", "reg", "cl_user", "cl_item"}
@@ -117,7 +117,7 @@ def test_sasrec_run(sasrec_run):
     for f in files.values():
         assert_png(out / "figs" / f["name"])
     run = plot.parse_run(out)
-    assert [x for x, _ in run["loss"]] == [1, 2]  # SASRec counts epochs from 1
+    assert [x for x, _ in run["loss"]] == [1, 2]  # every recipe counts epochs from 1
     assert run["test"][0] == res["best_epoch"]
     assert run["test"][1]["paper"]["NDCG@10"] == pytest.approx(res["test"]["paper"]["NDCG@10"])
 
