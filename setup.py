@@ -32,7 +32,10 @@ setup(
     ],
     extras_require={
         # triton: CUDA builds of torch bring it; CPU tests run its kernels under TRITON_INTERPRET=1
-        "test": ["pytest>=7.4", "hypothesis>=6.90", "triton>=3.0,<4", "matplotlib>=3.5"],
+        "test": ["pytest>=7.4", "hypothesis>=6.90", "matplotlib>=3.5",
+                 "triton>=3.9,<3.10"],  # the minor tests/kernels/test_cuda_compile.py passes with (lock: 3.9.0):
+        # kernels/hellm_kernels/cuda_compile.py uses private Triton APIs (create_function_from_signature,
+        # knobs, JITFunction._pack_args) that change between minors — widen only after that test passes
         "plot": ["matplotlib>=3.5"],  # hellm-ds plot
         "parquet": ["pyarrow>=14"],  # hellm-ds import --format parquet
         # hellm-ds encode-text's default encoder (all-MiniLM-L6-v2 for offline use). Its metadata asks for

@@ -38,6 +38,18 @@ class CSR:
     values: torch.Tensor | None = None  # [nnz] or None (all ones)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self):
+        """The kernels index these arrays as ``base + position``: each is made contiguous here, once (a view
+        with another stride — a slice, a column of a table — is copied), so no kernel call has to check."""
+        for name in ("indptr", "indices", "values"):
+            t = getattr(self, name)
+            if t is None:
+                continue
+            if t.dim() != 1:
+                raise ValueError(f"CSR.{name} must be 1-D, got shape {list(t.shape)}")
+            if not t.is_contiguous():
+                object.__setattr__(self, name, t.contiguous())
+
     @property
     def nnz(self) -> int:
         return int(self.indices.numel())

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hellm_kernels.checks import check_spmm_args, contiguous_inputs
 from hellm_kernels.csr import CSR
 
 
@@ -242,13 +243,13 @@ def spmm_triton(A: CSR, X: torch.Tensor, row_scale=None, col_scale=None, diag=No
     """``out = rs ⊙ (A · (cs ⊙ X)) − c ⊙ Z`` and ``layer_sum += out`` in one pass (see module docstring)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    # the kernels assume a unit inner stride everywhere: outputs are checked (never copied), inputs fixed
+    check_spmm_args(A, X, row_scale, col_scale, diag, Z, layer_sum, out)
+    X, row_scale, col_scale, diag, Z = contiguous_inputs(X, row_scale, col_scale, diag, Z)
     n_rows, n_cols = A.shape
-    if X.dim() != 2 or X.shape[0] != n_cols:
-        raise ValueError(f"X must be [{n_cols}, d], got {tuple(X.shape)}")
     D = X.shape[1]
     if D > 512:
         raise ValueError(f"feature width {D} > 512 is not supported by the Triton SpMM")
-    X = X if X.stride(1) == 1 else X.contiguous()
     plan = plan or _plan(A)
     out = torch.empty(n_rows, D, dtype=X.dtype, device=X.device) if out is None else out
     acc = tl.float64 if X.dtype == torch.float64 else tl.float32

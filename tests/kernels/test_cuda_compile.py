@@ -74,3 +74,24 @@ def test_refused_in_a_process_that_interprets_the_kernels(capsys):
     assert err.startswith("hellm-ds: error: the Triton kernels were imported under TRITON_INTERPRET=1 in this "
                           "process: run the compile check in a fresh process without it"), err
     assert os.environ.get("TRITON_INTERPRET") == before
+
+
+def test_setup_py_triton_range_is_the_tested_one():
+    """The compile check drives private Triton APIs (``cuda_compile.Recorder``): setup.py's ``test`` extra
+    admits exactly the Triton minor it is tested with — the installed one, which is also the lock's pin."""
+    import re
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    triton = require("triton", "test", "pip install -e .[test]")
+    specs = re.findall(r'"(triton[<>=!~][^"]*)"', (ROOT / "setup.py").read_text())
+    assert len(specs) == 1, specs
+    spec = Requirement(specs[0]).specifier
+    installed = Version(triton.__version__)
+    assert installed in spec, (str(spec), str(installed))
+    lock = re.search(r"^triton==(\S+)$", (ROOT / "requirements-lock.txt").read_text(), re.M)
+    assert lock and Version(lock.group(1)) in spec
+    # one minor only: the next one is not admitted until this test (and the compile check) ran with it
+    assert Version(f"{installed.major}.{installed.minor + 1}.0") not in spec
+    assert Version(f"{installed.major}.{installed.minor}.99") in spec
