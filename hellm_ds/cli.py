@@ -121,7 +121,8 @@ def cmd_finetune(args) -> dict:
 
 
 def cmd_evaluate(args) -> dict:
-    from hellm_ds.train.evaluate import evaluate_checkpoint, load_run_dataset
+    from hellm_ds.eval.checkpoint import evaluate_checkpoint
+    from hellm_ds.exports import load_run_dataset
 
     ds, meta = load_run_dataset(args.checkpoint, args.data, args.max_len)
     ds.require_eval_users()  # exit 2 with a clear message rather than NaN metrics
@@ -216,7 +217,7 @@ def _add_finetune(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    from hellm_ds.train.evaluate import SPLITS
+    from hellm_ds.eval.checkpoint import SPLITS
 
     p = sub.add_parser("evaluate", help=COMMANDS["evaluate"][1])
     p.add_argument("--checkpoint", required=True, help="the fine-tuning run's --out directory")

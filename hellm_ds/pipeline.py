@@ -60,6 +60,7 @@ from pathlib import Path
 
 from hellm_ds.errors import UsageError
 from hellm_ds.utils.ds_configs import read_ds_config
+from hellm_ds.utils.checkpoint import file_sha256
 from hellm_ds.utils.io import write_json_atomic
 from hellm_ds.utils.net import free_port
 
@@ -129,14 +130,6 @@ class PipelineConfig:
 
 
 # ---- stage bookkeeping -----------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def inputs_key(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -222,179 +215,221 @@ def sasrec_train_config(cfg: PipelineConfig):
                              time_budget=cfg.seq_time_budget, seed=cfg.seed, ties=cfg.ties)
 
 
-def run_pipeline(cfg: PipelineConfig) -> dict:
+@dataclass
+class PipelineRun:
+    """What the stages share: the configuration (its unset settings resolved by the plan before graph
+    pre-training), the dataset, the output root, and the fine-tuning set-up checked before any stage runs."""
+
+    cfg: PipelineConfig
+    dataset: object
+    root: Path
+    model: str  # a size name, or the checkpoint directory resolved
+    scope: str
+    head: str
+    ds_config: Path
+    ds_json: dict
+    graphs: object  # () -> Graphs, built (or loaded) once in this process
+    ranks: int
+
+    @property
+    def exports(self) -> tuple[Path, Path]:
+        from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
+        from hellm_ds.pretrain.train_sasrec import EXPORT_NAME as SEQ_EXPORT
+
+        return self.root / "graph" / GRAPH_EXPORT, self.root / "sasrec" / SEQ_EXPORT
+
+
+# ---- the stages: one function each (what it runs), and what keys its skip --------------------------------
+def _popularity(run: PipelineRun, d: Path) -> dict:
+    from hellm_ds.baselines.popularity import evaluate_popularity
+
+    return evaluate_popularity(run.dataset, progress=run.cfg.progress, ties=run.cfg.ties)
+
+
+def _graphs(run: PipelineRun, d: Path) -> dict:  # d is root / "graphs": the structures' cache
+    return run.graphs().sizes(exact_products=False)
+
+
+def _graph(run: PipelineRun, d: Path) -> dict:
+    from hellm_ds.pretrain.train_graph import train_graph
+
+    resume = (d / "checkpoint_last.pt").is_file()
+    if resume:
+        say("graph: resuming an interrupted run")
+    res = train_graph(run.dataset, graph_train_config(run.cfg), d, resume=resume, progress=run.cfg.progress,
+                      graphs=run.graphs())
+    return {**res, "export": str(run.exports[0])}
+
+
+def _sasrec(run: PipelineRun, d: Path) -> dict:
+    from hellm_ds.pretrain.train_sasrec import train_sasrec
+
+    resume = any(d.glob("checkpoint*"))
+    if resume:
+        say("sasrec: resuming an interrupted run")
+    res = train_sasrec(run.dataset, sasrec_train_config(run.cfg), d, resume=resume, progress=run.cfg.progress)
+    return {**res, "export": str(run.exports[1])}
+
+
+def _finetune_args(run: PipelineRun) -> dict:
+    cfg = run.cfg
+    return {"model": run.model, "epochs": cfg.ft_epochs, "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
+            "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
+            "trainable_scope": run.scope, "item_head": run.head, "seed": cfg.seed, "ties": cfg.ties}
+
+
+def _finetune_inputs(run: PipelineRun) -> dict:
+    graph_emb, seq_emb = run.exports
+    return {"args": _finetune_args(run), "ranks": run.ranks, "deepspeed_config": run.ds_json,
+            "graph_emb": file_sha256(graph_emb), "seq_emb": file_sha256(seq_emb)}
+
+
+def _finetune(run: PipelineRun, d: Path) -> dict:
+    from hellm_ds.exports import RESULTS_NAME
+
+    cfg, (graph_emb, seq_emb) = run.cfg, run.exports
+    resume = (d / "checkpoints" / "latest").is_file()
+    if resume:
+        say("finetune: resuming from the latest checkpoint")
+    argv = ["--data", str(Path(cfg.data).resolve()), "--graph-emb", str(graph_emb), "--seq-emb", str(seq_emb),
+            "--out", str(d), "--deepspeed_config", str(run.ds_config)]
+    for k, v in _finetune_args(run).items():
+        if v is not None:
+            argv += ["--" + k.replace("_", "-"), str(v)]
+    argv += [flag for flag, on in (("--resume", resume), ("--no-progress", not cfg.progress),
+                                   ("--verbose", cfg.verbose)) if on]
+    launch_finetune(argv, run.ranks, d / "launcher.log", verbose=cfg.verbose)
+    res = json.loads((d / RESULTS_NAME).read_text())
+    return {k: v for k, v in res.items() if k != "losses"}
+
+
+def _evaluate(run: PipelineRun, d: Path) -> dict:
+    """The export reloaded in a plain process (what `hellm-ds evaluate` / `recommend` load), read once."""
+    from hellm_ds.eval.checkpoint import evaluate_checkpoint
+    from hellm_ds.exports import load_checkpoint_model
+    from hellm_ds.utils.device import resolve_device
+
+    ckpt = run.root / "finetune"
+    model = load_checkpoint_model(ckpt, run.dataset, resolve_device("auto"))
+    res = evaluate_checkpoint(ckpt, run.dataset, progress=run.cfg.progress, ties=run.cfg.ties, model=model)
+    return {**res, "examples": recommend_examples(ckpt, run.dataset, model=model)}
+
+
+def _evaluate_inputs(run: PipelineRun) -> dict:
+    finetune = Stage(run.root, "finetune", {"dataset": run.dataset.fingerprint, **_finetune_inputs(run)})
+    return {"finetune": finetune.key, "ties": run.cfg.ties}
+
+
+# name, the inputs that key its skip (besides the dataset's fingerprint), the command
+STAGE_TABLE = (
+    ("popularity", lambda run: {"ties": run.cfg.ties}, _popularity),
+    ("graphs", lambda run: {"knn_k": run.cfg.knn_k}, _graphs),
+    ("graph", lambda run: {"config": asdict(graph_train_config(run.cfg))}, _graph),
+    ("sasrec", lambda run: {"config": {k: v for k, v in asdict(sasrec_train_config(run.cfg)).items()
+                                       if k not in ("device", "num_threads")}}, _sasrec),
+    ("finetune", _finetune_inputs, _finetune),
+    ("evaluate", _evaluate_inputs, _evaluate),
+)
+assert tuple(name for name, _, _ in STAGE_TABLE) == STAGES
+
+
+def _run_stage(run: PipelineRun, name: str, inputs: dict, command) -> tuple[dict, float | None]:
+    """The stage's result and seconds: skipped when its stamp records these inputs, else run and stamped."""
+    st = Stage(run.root, name, {"dataset": run.dataset.fingerprint, **inputs})
+    prev = st.done()
+    if prev is not None:
+        say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
+        return prev, (read_stamp(st.dir) or {}).get("seconds")
+    say(f"{name}: running → {st.dir}")
+    t0 = time.time()
+    res = st.finish(command(run, st.dir), time.time() - t0)
+    return res, round(time.time() - t0, 2)
+
+
+def _prepare(cfg: PipelineConfig) -> PipelineRun:
+    """Check the fine-tuning stage's inputs before any stage runs (a bad --model or DeepSpeed config fails
+    now, not after stage 1), load the dataset, and clear what ``--redo`` names."""
     from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.graph.build import GraphConfig, load_or_build
     from hellm_ds.llm.backbone import check_model
     from hellm_ds.llm.config import resolve_scope_and_head
 
-    t_all = time.time()
-    # the fine-tuning stage's inputs are checked before any stage runs: a bad --model or DeepSpeed config
-    # fails now, not after stage 1. Scope and head: the trainer's own rule (it warns, in its output)
     model = check_model(cfg.model)
+    # scope and head: the trainer's own rule (it warns, in its output)
     scope, head = resolve_scope_and_head(model, cfg.trainable_scope, cfg.item_head, warn=False)
     ds_config, ds_json = read_ds_config(cfg.deepspeed_config, "--deepspeed-config")
     dataset = load_dataset(cfg.data, max_len=cfg.max_len)  # first: a bad --data leaves no empty --out behind
     root = Path(cfg.out)
     root.mkdir(parents=True, exist_ok=True)
-    fp = dataset.fingerprint
     for s in sorted(set().union(*(downstream(r) for r in cfg.redo)) if cfg.redo else ()):
         if (root / s).exists():
             say(f"--redo: clearing {root / s}")
             shutil.rmtree(root / s)
-    results: dict[str, dict] = {}
-    seconds: dict[str, float] = {}  # each stage's wall time (a skipped one: when it ran, from its stamp)
+    graphs = functools.cache(lambda: load_or_build(dataset, GraphConfig(knn_k=cfg.knn_k), root / "graphs"))
+    return PipelineRun(cfg, dataset, root, model, scope, head, ds_config, ds_json, graphs,
+                       cfg.ranks or default_ranks())
 
-    def stage(name: str, inputs: dict, fn) -> dict:
-        st = Stage(root, name, {"dataset": fp, **inputs})
-        prev = st.done()
-        if prev is not None:
-            say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")
-            results[name] = prev
-            seconds[name] = (read_stamp(st.dir) or {}).get("seconds")
-            return prev
-        say(f"{name}: running → {st.dir}")
-        t0 = time.time()
-        res = st.finish(fn(st.dir), time.time() - t0)
-        results[name] = res
-        seconds[name] = round(time.time() - t0, 2)
-        return res
 
-    # popularity
-    def popularity(d: Path) -> dict:
-        from hellm_ds.baselines.popularity import evaluate_popularity
-
-        return evaluate_popularity(dataset, progress=cfg.progress, ties=cfg.ties)
-
-    stage("popularity", {"ties": cfg.ties}, popularity)
-
-    # hypergraph structures
-    from hellm_ds.graph.build import GraphConfig, load_or_build
-
-    gcfg = GraphConfig(knn_k=cfg.knn_k)
-    # built (or loaded) once in this process, for the graphs stage, the plan's timing and graph pre-training
-    cached_graphs = functools.cache(lambda: load_or_build(dataset, gcfg, root / "graphs"))
-
-    def graphs(d: Path) -> dict:  # d is root / "graphs"
-        return cached_graphs().sizes(exact_products=False)
-
-    stage("graphs", {"knn_k": cfg.knn_k}, graphs)
-
-    # the run plan (hellm_ds.plan): with a budget (by default 60 minutes without GPUs), the unset stage
-    # settings are chosen from a few timed steps (recorded in RUN/plan.json and reused); without one, the
-    # epoch defaults. Either way every setting below is resolved.
+def _apply_plan(run: PipelineRun, seconds: dict) -> dict | None:
+    """The run plan (``hellm_ds.plan``): with a budget (by default 60 minutes without GPUs), the unset stage
+    settings are chosen from a few timed steps (recorded in RUN/plan.json and reused); without one, the epoch
+    defaults. Either way every setting of ``run.cfg`` is resolved afterwards."""
     import torch
 
     from hellm_ds.plan import apply_plan
 
-    ranks = cfg.ranks or default_ranks()
-    cfg, plan = apply_plan(cfg, dataset=dataset, root=root, cuda=torch.cuda.is_available(), ranks=ranks,
-                           model=model, scope=scope, head=head, ds_json=ds_json,
-                           graphs=cached_graphs,
-                           spent={k: seconds[k] or 0.0 for k in ("popularity", "graphs")})
-    threads = torch.get_num_threads()
+    run.cfg, plan = apply_plan(run.cfg, dataset=run.dataset, root=run.root, cuda=torch.cuda.is_available(),
+                               ranks=run.ranks, model=run.model, scope=run.scope, head=run.head,
+                               ds_json=run.ds_json, graphs=run.graphs,
+                               spent={k: seconds[k] or 0.0 for k in ("popularity", "graphs")})
     if plan is not None and plan.get("threads"):
         torch.set_num_threads(plan["threads"])  # graph, sasrec and evaluate run here, as the plan timed them
+    return plan
 
-    # graph pre-training
-    from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
-    from hellm_ds.pretrain.train_graph import train_graph
 
-    graph_cfg = graph_train_config(cfg)
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    import torch
 
-    def graph(d: Path) -> dict:
-        resume = (d / "checkpoint_last.pt").is_file()
-        if resume:
-            say("graph: resuming an interrupted run")
-        g = cached_graphs()
-        res = train_graph(dataset, graph_cfg, d, resume=resume, progress=cfg.progress, graphs=g)
-        return {**res, "export": str(d / GRAPH_EXPORT)}
-
-    stage("graph", {"config": asdict(graph_cfg)}, graph)
-
-    # SASRec
-    from hellm_ds.pretrain.train_sasrec import EXPORT_NAME as SEQ_EXPORT
-    from hellm_ds.pretrain.train_sasrec import train_sasrec
-
-    seq_cfg = sasrec_train_config(cfg)
-
-    def sasrec(d: Path) -> dict:
-        resume = any(d.glob("checkpoint*"))
-        if resume:
-            say("sasrec: resuming an interrupted run")
-        res = train_sasrec(dataset, seq_cfg, d, resume=resume, progress=cfg.progress)
-        return {**res, "export": str(d / SEQ_EXPORT)}
-
-    seq_inputs = {k: v for k, v in asdict(seq_cfg).items() if k not in ("device", "num_threads")}
-    stage("sasrec", {"config": seq_inputs}, sasrec)
-
-    # fine-tuning
-    graph_emb, seq_emb = root / "graph" / GRAPH_EXPORT, root / "sasrec" / SEQ_EXPORT
-    ft_args = {"model": model, "epochs": cfg.ft_epochs,  # model: a size name, or the directory resolved
-               "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
-               "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
-               "trainable_scope": scope, "item_head": head, "seed": cfg.seed, "ties": cfg.ties}
-    ft_inputs = {"args": ft_args, "ranks": ranks, "deepspeed_config": ds_json,
-                 "graph_emb": file_sha256(graph_emb), "seq_emb": file_sha256(seq_emb)}
-
-    def finetune(d: Path) -> dict:
-        from hellm_ds.train.finetune import RESULTS_NAME
-
-        resume = (d / "checkpoints" / "latest").is_file()
-        if resume:
-            say("finetune: resuming from the latest checkpoint")
-        argv = ["--data", str(Path(cfg.data).resolve()), "--graph-emb", str(graph_emb), "--seq-emb",
-                str(seq_emb), "--out", str(d), "--deepspeed_config", str(ds_config)]
-        for k, v in ft_args.items():
-            if v is not None:
-                argv += ["--" + k.replace("_", "-"), str(v)]
-        if resume:
-            argv.append("--resume")
-        if not cfg.progress:
-            argv.append("--no-progress")
-        if cfg.verbose:
-            argv.append("--verbose")
-        launch_finetune(argv, ranks, d / "launcher.log", verbose=cfg.verbose)
-        res = json.loads((d / RESULTS_NAME).read_text())
-        return {k: v for k, v in res.items() if k != "losses"}
-
-    stage("finetune", ft_inputs, finetune)
-
-    # evaluation of the export in a plain process (what `hellm-ds evaluate` / `recommend` load)
-    def evaluate(d: Path) -> dict:
-        from hellm_ds.train.evaluate import evaluate_checkpoint
-
-        res = evaluate_checkpoint(root / "finetune", dataset, progress=cfg.progress, ties=cfg.ties)
-        return {**res, "examples": recommend_examples(root / "finetune", dataset)}  # kept with the stage
-
-    stage("evaluate", {"finetune": Stage(root, "finetune", {"dataset": fp, **ft_inputs}).key, "ties": cfg.ties},
-          evaluate)
-
-    table = comparison_table(results)
-    print(format_table(table, cfg.ties), file=sys.stderr, flush=True)
     from hellm_ds.plan import format_report, plan_report
 
-    torch.set_num_threads(threads)
+    t_all, threads = time.time(), torch.get_num_threads()
+    run = _prepare(cfg)
+    results: dict[str, dict] = {}
+    seconds: dict[str, float | None] = {}  # each stage's wall time (a skipped one: when it ran, from its stamp)
+    plan = None
+    try:
+        for name, inputs, command in STAGE_TABLE:
+            if name == "graph":  # the plan times the structures' stages' results, before stage 1 trains
+                plan = _apply_plan(run, seconds)
+            results[name], seconds[name] = _run_stage(run, name, inputs(run), command)
+    finally:
+        torch.set_num_threads(threads)
+    table = comparison_table(results)
+    print(format_table(table, run.cfg.ties), file=sys.stderr, flush=True)
     report = plan_report(plan, {**seconds, "plan": plan and plan["plan_seconds"]})
     if report is not None:
         print(format_report(report), file=sys.stderr, flush=True)
-    return {"out": str(root), "ranks": ranks, "trainable_scope": scope, "item_head": head,
-            "seconds": round(time.time() - t_all, 1), "ties": cfg.ties, "table": table, "plan": report,
+    return {"out": str(run.root), "ranks": run.ranks, "trainable_scope": run.scope, "item_head": run.head,
+            "seconds": round(time.time() - t_all, 1), "ties": run.cfg.ties, "table": table, "plan": report,
             "stages": {k: {n: v for n, v in results[k].items() if n != "examples"}
                        for k in STAGES if k in results},
             "examples": results.get("evaluate", {}).get("examples")}
 
 
-def recommend_examples(checkpoint_dir: str | Path, dataset, n_users: int = 3, k: int = 10) -> list[dict]:
+def recommend_examples(checkpoint_dir: str | Path, dataset, n_users: int = 3, k: int = 10,
+                       model=None) -> list[dict]:
     """``hellm-ds recommend --exclude-history --k K`` for the first ``n_users`` users of the test split: their
     ``users`` entries (``user``, ``items``, ``scores``, and ``titles``/``raw_user``/``raw_items`` when the
     dataset has ``items.tsv``/``hellm-ds import``'s mapping files); the history is everything the dataset
-    holds for the user, as in ``recommend``."""
+    holds for the user, as in ``recommend``. ``model``: the export already loaded (``load_checkpoint_model``
+    on the default device), not loaded again."""
     from hellm_ds.eval.recommend import recommend
 
     users = [int(dataset.user_ids[u]) for u in dataset.split("test").users[:n_users]]
     if not users:
         return []
-    return recommend(checkpoint_dir, dataset, users, k=k, exclude_history=True, progress=False)["users"]
+    return recommend(checkpoint_dir, dataset, users, k=k, exclude_history=True, progress=False,
+                     model=model)["users"]
 
 
 def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool = False) -> None:

@@ -394,22 +394,19 @@ def time_finetune(dataset, fcfg, ranks: int, device: torch.device, graph_dim: in
     import torch.nn.functional as F
 
     from hellm_ds.data.batching import NextItemExamples
-    from hellm_ds.train.finetune import _build_model, _param_groups, load_ds_config, model_dtype
+    from hellm_ds.llm.model import build_hellm
+    from hellm_ds.train.finetune import load_ds_config, param_groups, resolve_model
 
     kind = "cuda" if device.type == "cuda" else ("cpu" if ranks > 1 else "cpu1")
     ds = load_ds_config(fcfg, device)
     micro, gas = int(ds["train_micro_batch_size_per_gpu"]), int(ds["gradient_accumulation_steps"])
-    dtype = model_dtype(fcfg, ds, device)
-    hcfg = fcfg.hellm_config()
-    if fcfg.dtype == "auto":
-        hcfg = replace(hcfg, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
-                                    torch.float32: "float32"}[dtype])
+    hcfg, _ = resolve_model(fcfg, ds, device)
     g = torch.randn(dataset.n_items + 1, graph_dim) * 0.1
     s = torch.randn(dataset.n_items + 1, seq_dim) * 0.1
     t0 = time.perf_counter()
-    model = _build_model(hcfg, g, s, dtype, fcfg.seed).to(device)
+    model = build_hellm(hcfg, g, s, device=device, seed=fcfg.seed)
     build_s = time.perf_counter() - t0
-    opt = torch.optim.AdamW(_param_groups(model, fcfg.weight_decay), lr=fcfg.lr,
+    opt = torch.optim.AdamW(param_groups(model, fcfg.weight_decay), lr=fcfg.lr,
                             betas=(fcfg.beta1, fcfg.beta2))
     train = NextItemExamples(dataset, "train", fcfg.max_len)
     rng = np.random.default_rng(fcfg.seed)

@@ -20,6 +20,7 @@ rows: ``users`` and ``targets`` (numpy int64: internal user indices, target item
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Callable, Iterable
@@ -102,8 +103,13 @@ def evaluate(
 
 
 def evaluate_splits(dataset: Dataset, user_fn: UserFn, splits=("valid", "test"), ties: str = "expected",
+                    on_split_ranks: Callable[[str, np.ndarray, np.ndarray, dict], None] | None = None,
                     **kwargs) -> dict:
     """``{"valid": {protocol: metrics}, "test": {…}, "ties": rule}`` — the JSON shape every ``hellm-ds``
-    command prints (``ties`` names the rule that produced the metrics)."""
-    out = {s: evaluate(dataset, s, user_fn, ties=ties, **kwargs) for s in splits}
+    command prints (``ties`` names the rule that produced the metrics). ``on_split_ranks(split, users,
+    targets, ranks)``: ``evaluate``'s ``on_ranks`` with the split's name first."""
+    out = {s: evaluate(dataset, s, user_fn, ties=ties,
+                       on_ranks=None if on_split_ranks is None else functools.partial(on_split_ranks, s),
+                       **kwargs)
+           for s in splits}
     return {**out, "ties": ties}

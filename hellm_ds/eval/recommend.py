@@ -120,10 +120,12 @@ def top_k(user_vectors: torch.Tensor, item_vectors: torch.Tensor, item_bias: tor
 
 def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10, exclude_history: bool = False,
               batch_size: int = 256, device: str = "auto", progress: bool = False,
-              meta: dict | None = None) -> dict:
-    """See the module docstring; ``dataset`` must be the run's (checked)."""
+              meta: dict | None = None, model=None) -> dict:
+    """See the module docstring; ``dataset`` must be the run's (checked). ``model``: the export already
+    loaded by ``load_checkpoint_model`` on ``device`` (not loaded again)."""
     from hellm_ds.data.batching import left_pad
-    from hellm_ds.train.evaluate import load_checkpoint_model, resolve_device
+    from hellm_ds.exports import load_checkpoint_model
+    from hellm_ds.utils.device import resolve_device
     from hellm_ds.utils.progress import progress_bar
 
     if k < 1:
@@ -136,7 +138,8 @@ def recommend(checkpoint_dir: str | Path, dataset, users: list[int], k: int = 10
         raise UsageError(f"{e.args[0]} (not in {dataset.root}/sequences.txt)") from None
     maps = dataset_raw_id_maps(dataset)
     dev = resolve_device(device)
-    model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
+    if model is None:
+        model = load_checkpoint_model(checkpoint_dir, dataset, dev, meta=meta)
     W, b = (t.to(dev) for t in model.item_scoring())
     k = min(k, dataset.n_items)
     out = []
@@ -184,7 +187,7 @@ def add_cli(sub) -> None:
 
 
 def _cmd(args) -> dict:
-    from hellm_ds.train.evaluate import load_run_dataset
+    from hellm_ds.exports import load_run_dataset
 
     if args.raw_ids:
         users, lines = _raw_users(args)

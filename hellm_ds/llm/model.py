@@ -53,7 +53,6 @@ from hellm_ds.llm.prefix import (
     prefix_attention_mask,
     wrap_attention,
 )
-from hellm_ds.utils.checkpoint import load_tensors
 
 GRAPH_EMBEDDINGS = "graph_embeddings.safetensors"
 SEQUENTIAL_EMBEDDINGS = "sequential_item_embeddings.safetensors"
@@ -266,16 +265,22 @@ def _is_adapter_param(name: str) -> bool:
     return ".lora_" in name or name.split(".", 1)[0] in ("projector", "prefix", "head")
 
 
-def load_item_tables(run_dir: str | Path, n_items: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The stage-1 exports of ``run_dir``: graph ``item`` [I+1, d_g] and SASRec ``item`` [I+1, d_s]."""
+def load_item_tables(run_dir: str | Path, n_items: int | None = None,
+                     dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stage-1 exports of ``run_dir``: graph ``item`` [I+1, d_g] and SASRec ``item`` [I+1, d_s], read by
+    ``hellm_ds.exports.read_item_table`` (tensor SHA-256, shape; with ``dataset``, also made from it — and
+    ``n_items`` defaults to its catalogue size)."""
+    from hellm_ds.exports import read_item_table  # the one stage-1 reader (it imports this module lazily)
+
     run_dir = Path(run_dir)
-    rows = None if n_items is None else n_items + 1
-    g, _ = load_tensors(run_dir / GRAPH_EMBEDDINGS, {"item": (rows, None)})
-    s, _ = load_tensors(run_dir / SEQUENTIAL_EMBEDDINGS, {"item": (rows, None)})
-    if g["item"].shape[0] != s["item"].shape[0]:
-        raise DataFormatError(run_dir / SEQUENTIAL_EMBEDDINGS, None, f"{s['item'].shape[0]} item rows, but "
-                              f"{GRAPH_EMBEDDINGS} has {g['item'].shape[0]}")
-    return g["item"].float(), s["item"].float()
+    if dataset is not None and n_items is None:
+        n_items = dataset.n_items
+    g = read_item_table(run_dir / GRAPH_EMBEDDINGS, dataset, n_items)
+    s = read_item_table(run_dir / SEQUENTIAL_EMBEDDINGS, dataset, n_items)
+    if g.shape[0] != s.shape[0]:
+        raise DataFormatError(run_dir / SEQUENTIAL_EMBEDDINGS, None, f"{s.shape[0]} item rows, but "
+                              f"{GRAPH_EMBEDDINGS} has {g.shape[0]}")
+    return g, s
 
 
 def build_hellm(cfg: HeLLMConfig, graph_items: torch.Tensor, seq_items: torch.Tensor,

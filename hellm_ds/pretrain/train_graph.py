@@ -28,6 +28,7 @@ from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate_splits
 from hellm_ds.eval.metrics import TIE_RULES
 from hellm_ds.graph.build import GraphConfig, Graphs, load_or_build
+from hellm_kernels import kernel_choices
 from hellm_kernels.spmm import BACKENDS
 from hellm_ds.pretrain.mmhcl import MMHCL, MMHCLConfig
 from hellm_ds.pretrain.presets import GRAPH_PRESETS
@@ -152,14 +153,17 @@ class _GraphRecipe:
         return _evaluate(self.model, self.dataset, ("test",), self.cfg, self.device, self.progress)["test"]
 
     def export(self, result: dict) -> dict:
+        """The embeddings; the result gains ``kernels``: which sparse kernel ran for each operator and why
+        (``hellm_kernels.kernel_choices``: on CUDA, ``auto`` probed and timed the candidates)."""
+        extra = {"kernels": kernel_choices()}
         user, item = self.model.embeddings()
         pad = lambda t: torch.cat([t.new_zeros(1, t.shape[1]), t]).float().cpu()  # noqa: E731
         export_tensors(self.ckpt.path.parent / EXPORT_NAME,
                        {"user": pad(user), "item": pad(item),
                         "user_ids": torch.from_numpy(self.dataset.user_ids.copy())},
-                       {"stage": "graph", "config": _cfg_dict(self.cfg), "result": result,
+                       {"stage": "graph", "config": _cfg_dict(self.cfg), "result": {**result, **extra},
                         "max_len": self.dataset.max_len}, self.dataset.fingerprint)
-        return {}
+        return extra
 
 
 def train_graph(dataset: Dataset, cfg: GraphTrainConfig, out_dir: str | Path, resume: bool = False,

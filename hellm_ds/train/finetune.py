@@ -43,8 +43,9 @@ backbone. HeLLM's own (small) parameters are created whole and partitioned by th
 
 Outputs in ``--out``:
 
-- ``log.jsonl`` (rank 0): ``start``, ``train`` (every optimiser step: loss averaged over ranks and
-  accumulation, lr), ``valid``/``test`` (per epoch), ``checkpoint``, ``done``.
+- ``log.jsonl`` (rank 0), the shared schema of ``hellm_ds.utils.loop``: ``start``/``resume``, ``train``
+  (every optimiser step: loss averaged over ranks and accumulation, lr), ``epoch`` (1-based; mean loss,
+  validation), ``test`` (at each new best), ``checkpoint``, ``result``.
 - ``checkpoints/<tag>/`` DeepSpeed checkpoints of the *trainable* state only
   (``exclude_frozen_parameters=True``; optimiser/master weights, scheduler, counters) every
   ``--save-every`` steps and after every epoch; ``checkpoints/latest`` names the newest complete one and is
@@ -55,7 +56,10 @@ Outputs in ``--out``:
   only on seed and epoch; the done micro-batches of the epoch are skipped) and the same dropout noise
   (every micro-batch reseeds the RNG from seed/epoch/step/micro-batch/rank), hence the same losses.
   Resuming a finished run returns its results untouched; starting a run without ``--resume`` in a
-  directory that holds checkpoints is refused (a fresh run starts a fresh ``log.jsonl``).
+  directory that holds checkpoints is refused (a fresh run starts a fresh ``log.jsonl``), and so is a
+  resume with other settings (each difference named; ``RESUME_FREE`` lists what may change). A
+  ``--max-steps`` stop validates what it has (keeping it only while nothing better is kept; early stopping
+  ignores a cut epoch), tests and exports it, and writes ``partial_results.json``.
 - ``hellm_adapter.safetensors`` + ``hellm_adapter.json``: all trainable weights gathered from the shards
   (best validation epoch) and the model config; for a config-built backbone with the ``lora`` scope the
   (random, frozen) backbone is also written once to ``hellm_base.safetensors`` — it is not reproducible
@@ -70,12 +74,12 @@ that step's backward, optimiser step or any checkpoint.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -85,15 +89,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from hellm_ds.errors import UsageError
+from hellm_ds.exports import (  # noqa: F401  (the export format; re-exported for existing callers)
+    ADAPTER_CONFIG,
+    ADAPTER_NAME,
+    BASE_NAME,
+    RESULTS_NAME,
+    load_adapter,
+    read_item_table,
+    write_adapter,
+)
+from hellm_ds.data.batching import NextItemExamples, ShardedSampler
+from hellm_ds.data.dataset import load_dataset
+from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.train.optim import OFFLOAD_OPTIMIZER_CHOICES, build_optimizer, offload_optimizer_plan
 from hellm_ds.utils.ds_configs import read_ds_config
+from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.io import write_json_atomic
+from hellm_ds.utils.loop import LoopConfig, LoopState, resume_check, run_loop
 from hellm_ds.utils.net import free_port
+from hellm_ds.utils.progress import progress_bar
+from hellm_ds.utils.runlog import RunLog
 
-ADAPTER_NAME = "hellm_adapter.safetensors"
-ADAPTER_CONFIG = "hellm_adapter.json"
-BASE_NAME = "hellm_base.safetensors"
-RESULTS_NAME = "results.json"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
 
@@ -343,21 +359,37 @@ def _preimport_for_zero_init() -> None:
     AutoModelForCausalLM.__name__  # noqa: B018  (resolve the lazy attribute)
 
 
-def _build_model(hcfg, graph_items, seq_items, dtype, seed):
-    """``build_hellm`` with the RNG reseeded between the backbone and HeLLM's own modules, so the
-    initial adapter/projector/prefix/head weights do not depend on how the backbone was built (ZeRO-3's
-    partitioned construction consumes random numbers differently)."""
-    from hellm_ds.llm import HeLLM
-    from hellm_ds.llm.backbone import load_backbone
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        decoder, tokenizer = load_backbone(hcfg, dtype)
-        torch.manual_seed(seed + 1)
-        return HeLLM(hcfg, decoder, tokenizer, graph_items, seq_items, dtype=dtype)
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-# ---- the run ---------------------------------------------------------------------------------------------
+def resolve_model(cfg: FinetuneConfig, ds: dict, device: torch.device):
+    """``(HeLLMConfig, dtype)`` of the run: ``dtype="auto"`` resolved from the DeepSpeed JSON."""
+    dtype = model_dtype(cfg, ds, device)
+    hcfg = cfg.hellm_config()
+    if cfg.dtype == "auto":
+        hcfg = replace(hcfg, dtype=DTYPE_NAMES[dtype])
+    return hcfg, dtype
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on trainable tensors of ≥ 2 dims, none on biases and norm gains (METHOD §5)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not n.endswith("bias") else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+RUN_META = "run.json"  # in each checkpoint tag: recipe, dataset fingerprint, configuration (read before loading)
+# may differ between the invocations of one run: paths (the data is checked by fingerprint), budgets and
+# bookkeeping; a longer --epochs stretches the cosine schedule from the next step on
+RESUME_FREE = {"data", "graph_emb", "seq_emb", "out", "deepspeed_config", "epochs", "max_steps", "resume",
+               "progress", "save_every", "keep_checkpoints", "eval_batch_size", "patience", "skip_eval",
+               "report_partitioning"}
+
+
 def _tag_order(name: str) -> tuple[int, bool]:
     """Checkpoint tags in save order: ``step{N}`` (mid-epoch) before ``step{N}-end`` (after the epoch)."""
     step, _, end = name[4:].partition("-")
@@ -376,300 +408,312 @@ def read_latest(ckpt_dir: Path) -> str | None:
     return tag if tag and (ckpt_dir / tag).is_dir() else None
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 and not n.endswith("bias") else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ---- the run ---------------------------------------------------------------------------------------------
+class FinetuneTrainer:
+    """Stage 2 as a recipe of the shared loop (``hellm_ds.utils.loop``): the loop owns epochs, validation,
+    early stopping and the log schema; this class owns set-up, resume, the optimiser step, evaluation,
+    checkpoints and the export. Built on every rank (collectives inside), then ``run()``."""
 
+    name = "finetune"
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Train (or resume) one run; returns the results dict (same on every rank)."""
-    import deepspeed
+    def __init__(self, cfg: FinetuneConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.out, self.ckpt_dir = Path(cfg.out), Path(cfg.out) / CKPT_DIR
+        self.ds_cfg = load_ds_config(cfg, self.device)
+        self.stage = zero_stage(self.ds_cfg)
+        self.hcfg, self.dtype = resolve_model(cfg, self.ds_cfg, self.device)
+        self.show = cfg.progress and self.rank == 0
+        self.tag = self._resume_tag()
+        self._setup_data()
+        self._setup_engine()
+        # the output directory is created only now, once every input loaded (a failed start leaves nothing)
+        self.log = RunLog(self.out, enabled=self.rank == 0, fresh=not cfg.resume)  # + TensorBoard if installed
+        self.state = LoopState(stopper=EarlyStopper(cfg.patience))
+        self.best: dict = {}  # {"epoch", "test"} of the kept (exported) state
+        self.step_in_epoch = 0  # where the next epoch starts (a resumed run continues its epoch)
+        self.losses: list[float] = []
 
-    from hellm_ds.data.batching import NextItemExamples, ShardedSampler
-    from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.eval.evaluator import evaluate
-    from hellm_ds.llm.config import MODEL_SIZES
-    from hellm_ds.utils.checkpoint import export_tensors, load_tensors
-    from hellm_ds.utils.early_stop import EarlyStopper
-    from hellm_ds.utils.progress import progress_bar, progress_line
-    from hellm_ds.utils.runlog import RunLog
+    # -- set-up --
+    def _resume_tag(self) -> str | None:
+        tag = read_latest(self.ckpt_dir)
+        if not self.cfg.resume and tag is not None:
+            # a second run would interleave its checkpoints, log and export with the first one's
+            raise UsageError(f"{self.ckpt_dir} holds a run's checkpoints: pass --resume to continue it, or use a "
+                             "new --out")
+        if self.cfg.resume and tag is None and (self.ckpt_dir / LATEST).is_file():
+            raise UsageError(f"{self.ckpt_dir / LATEST} names {(self.ckpt_dir / LATEST).read_text().strip()!r}, "
+                             "which is not there: refusing to start over silently")
+        return tag if self.cfg.resume else None
 
-    rank, world, device = init_distributed()
-    out = Path(cfg.out)
-    ckpt_dir = out / CKPT_DIR
-    ds_cfg = load_ds_config(cfg, device)
-    stage = zero_stage(ds_cfg)
-    dtype = model_dtype(cfg, ds_cfg, device)
-    hcfg = cfg.hellm_config()
-    if cfg.dtype == "auto":
-        hcfg = replace(hcfg, dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
-                                    torch.float32: "float32"}[dtype])
-    if not cfg.resume and read_latest(ckpt_dir) is not None:
-        # a second run would interleave its checkpoints, log and export with the first one's
-        raise UsageError(f"{ckpt_dir} holds a run's checkpoints: pass --resume to continue it, or use a new "
-                         "--out")
-    show = cfg.progress and rank == 0
+    def _resume_config(self) -> dict:
+        """What a resumed invocation must share with the checkpoint (besides RESUME_FREE's fields)."""
+        ds = {k: self.ds_cfg.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                                               "gradient_clipping")}
+        return {**self.cfg.to_dict(), "model_config": self.hcfg.to_dict(), "deepspeed": ds,
+                "zero_stage": self.stage, "world_size": self.world}
 
-    dataset = load_dataset(cfg.data, max_len=cfg.max_len)
-    n_items = dataset.n_items
-    g_t, _ = load_tensors(cfg.graph_emb, {"item": (n_items + 1, None)})
-    s_t, _ = load_tensors(cfg.seq_emb, {"item": (n_items + 1, None)})
-    graph_items, seq_items = g_t["item"].float(), s_t["item"].float()
+    def _setup_data(self) -> None:
+        """Dataset, the checked stage-1 tables, sampler and schedule — before the model: a run that cannot take
+        one step (or may not resume) fails before any loading."""
+        cfg = self.cfg
+        self.dataset = load_dataset(cfg.data, max_len=cfg.max_len)
+        if self.tag is not None:
+            meta = self.ckpt_dir / self.tag / RUN_META
+            if not meta.is_file():
+                raise UsageError(f"{meta} is missing (a checkpoint of an older hellm_ds): start a new run in a "
+                                 "new --out")
+            resume_check(self.ckpt_dir / self.tag, json.loads(meta.read_text()), self.name,
+                         self.dataset.fingerprint, self._resume_config(), RESUME_FREE)
+        # shape, tensor SHA-256, and made from this dataset (not just one of the same size)
+        self.graph_items = read_item_table(cfg.graph_emb, self.dataset, self.dataset.n_items)
+        self.seq_items = read_item_table(cfg.seq_emb, self.dataset, self.dataset.n_items)
+        self.train = NextItemExamples(self.dataset, "train", cfg.max_len)
+        self.sampler = ShardedSampler(len(self.train), self.world, self.rank, seed=cfg.seed, shuffle=True,
+                                      drop_last=True)
+        self.micro = int(self.ds_cfg["train_micro_batch_size_per_gpu"])
+        self.gas = int(self.ds_cfg["gradient_accumulation_steps"])
+        steps = len(self.sampler) // self.micro // self.gas
+        if cfg.steps_per_epoch is not None and cfg.steps_per_epoch > steps >= 1 and self.rank == 0:
+            print(f"hellm-ds: note: {cfg.steps_per_epoch} fine-tuning steps per epoch asked for, the data gives "
+                  f"{steps} ({len(self.sampler)} training samples per rank, {self.micro}×{self.gas} per step): "
+                  f"using {steps}", file=sys.stderr, flush=True)
+        self.steps_per_epoch = min(steps, cfg.steps_per_epoch or steps)
+        if self.steps_per_epoch < 1:
+            raise UsageError(f"{len(self.sampler)} training samples per rank do not fill one step of "
+                             f"{self.micro}×{self.gas} samples")
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
 
-    # -- data / schedule (before the model: a run that cannot take one step fails before any loading) --
-    train = NextItemExamples(dataset, "train", cfg.max_len)
-    sampler = ShardedSampler(len(train), world, rank, seed=cfg.seed, shuffle=True, drop_last=True)
-    micro = int(ds_cfg["train_micro_batch_size_per_gpu"])
-    gas = int(ds_cfg["gradient_accumulation_steps"])
-    steps_per_epoch = len(sampler) // micro // gas
-    if cfg.steps_per_epoch is not None and cfg.steps_per_epoch > steps_per_epoch >= 1 and rank == 0:
-        print(f"hellm-ds: note: {cfg.steps_per_epoch} fine-tuning steps per epoch asked for, the data gives "
-              f"{steps_per_epoch} ({len(sampler)} training samples per rank, {micro}×{gas} per step): using "
-              f"{steps_per_epoch}", file=sys.stderr, flush=True)
-    if cfg.steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise UsageError(f"{len(sampler)} training samples per rank do not fill one step of "
-                         f"{micro}×{gas} samples")
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    def _setup_engine(self) -> None:
+        """HeLLM — its backbone partitioned from construction on under ZeRO-3 — in a DeepSpeed engine."""
+        import deepspeed
 
-    # -- model, partitioned from construction on under ZeRO-3 --
-    hf_ds_config = None  # must stay alive while transformers loads (it is held through a weakref)
-    if stage == 3:
-        # transformers reads the live HfDeepSpeedConfig: from_pretrained loads shard by shard into
-        # partitioned parameters, and from_config builds inside deepspeed.zero.Init (with its own
-        # ZeRO-3-aware weight initialisation, which a bare zero.Init around from_config breaks)
-        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+        cfg = self.cfg
+        self._hf_ds_config = None  # must stay alive while transformers loads (it is held through a weakref)
+        if self.stage == 3:
+            # transformers reads the live HfDeepSpeedConfig: from_pretrained loads shard by shard into
+            # partitioned parameters, and from_config builds inside deepspeed.zero.Init (with its own
+            # ZeRO-3-aware weight initialisation, which a bare zero.Init around from_config breaks)
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        _preimport_for_zero_init()
-        hf_ds_config = HfDeepSpeedConfig(ds_cfg)
-    model = _build_model(hcfg, graph_items, seq_items, dtype, cfg.seed)
-    constructed_partitioned = [n for n, p in model.backbone.named_parameters() if hasattr(p, "ds_id")]
-    if stage != 3:
-        model = model.to(device)
-    else:
-        model.graph_items = model.graph_items.to(device)
-        model.seq_items = model.seq_items.to(device)
-        model.instruction_ids = model.instruction_ids.to(device)
-        model.response_ids = model.response_ids.to(device)
+            _preimport_for_zero_init()
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_cfg)
+        from hellm_ds.llm.model import build_hellm
 
-    def lam(step: int) -> float:
-        return lr_at(step, cfg.lr, cfg.min_lr, warmup, total_steps) / cfg.lr
+        model = build_hellm(self.hcfg, self.graph_items, self.seq_items, seed=cfg.seed)
+        self.constructed_partitioned = sum(1 for p in model.backbone.parameters() if hasattr(p, "ds_id"))
+        if self.stage != 3:
+            model = model.to(self.device)
+        else:  # the engine moves (and partitions) parameters; buffers are moved here
+            for name in ("graph_items", "seq_items", "instruction_ids", "response_ids"):
+                setattr(model, name, getattr(model, name).to(self.device))
+        _, kind = offload_optimizer_plan(self.ds_cfg, cfg.offload_optimizer, warn=False)
+        self.optimizer = build_optimizer(param_groups(model, cfg.weight_decay), kind, cfg.lr,
+                                         (cfg.beta1, cfg.beta2), cfg.weight_decay)
+        schedule = functools.partial(lr_at, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup,
+                                     total_steps=self.total_steps)  # no reference back to the trainer
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, config=self.ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) / cfg.lr))
+        self.model = self.engine.module
 
-    groups = _param_groups(model, cfg.weight_decay)
-    _, opt_kind = offload_optimizer_plan(ds_cfg, cfg.offload_optimizer, warn=False)
-    optimizer = build_optimizer(groups, opt_kind, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
-    hmodel = engine.module
-    # the output directory is created only now, once every input loaded (a failed start leaves nothing)
-    log = RunLog(out, enabled=rank == 0, fresh=not cfg.resume)  # + TensorBoard when installed
+    def _lr_at(self, step: int) -> float:
+        return lr_at(step, self.cfg.lr, self.cfg.min_lr, self.warmup, self.total_steps)
 
-    if cfg.report_partitioning:
-        rep = partition_report(hmodel, rank, world)
-        rep.update(zero_stage=stage, constructed_partitioned=len(constructed_partitioned),
-                   backbone_params=sum(1 for _ in hmodel.backbone.parameters()))
-        write_json_atomic(out / "partitioning" / f"rank{rank}.json", rep)
+    # -- the run --
+    def run(self) -> dict:
+        cfg = self.cfg
+        if cfg.report_partitioning:
+            self._report_partitioning()
+        if self.tag is not None:
+            finished = self._resume()
+            if finished is not None:
+                return finished
+        else:
+            self.log.log("start", step=0, recipe=self.name, dataset=self.dataset.fingerprint,
+                         config=cfg.to_dict(), model=self.hcfg.to_dict(), **self._facts())
+        proto, metric = cfg.select_metric.split("/", 1)
+        lc = LoopConfig(epochs=cfg.epochs, eval_every=1, patience=cfg.patience, select_protocol=proto,
+                        select_metric=metric, evaluate=not cfg.skip_eval)
+        self.engine.train()
+        result = run_loop(self, lc, self.state, self.log, progress=self.show,
+                          extra_result={"ties": cfg.ties, **self._facts(False)})
+        return {**result, "losses": self.losses}
 
-    # -- state (possibly resumed) --
-    epoch0, step_in_epoch, global_step = 0, 0, 0
-    stopper = EarlyStopper(cfg.patience)
-    best: dict = {}
-    if cfg.resume:
-        tag = read_latest(ckpt_dir)
-        if tag is None and (ckpt_dir / LATEST).is_file():
-            raise UsageError(f"{ckpt_dir / LATEST} names {(ckpt_dir / LATEST).read_text().strip()!r}, which is "
-                             "not there: refusing to start over silently")
-        if tag is not None:
-            _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-            if client is None:
-                raise UsageError(f"could not load checkpoint {ckpt_dir / tag}")
-            epoch0, step_in_epoch = int(client["epoch"]), int(client["step_in_epoch"])
-            global_step = int(client["global_step"])
-            stopper.load_state_dict(client["stopper"])
-            best = client.get("best", {})
-            log.log("resume", step=global_step, tag=tag, epoch=epoch0, step_in_epoch=step_in_epoch)
-            finished = out / RESULTS_NAME
-            if (epoch0 >= cfg.epochs or stopper.should_stop) and finished.is_file():
-                # nothing left to train: the finished run's results stand (not rewritten with no losses)
-                log.close()
-                del hf_ds_config
-                return json.loads(finished.read_text())
-    log.log("start", step=global_step, world_size=world, zero_stage=stage, dtype=str(dtype),
-            micro_batch=micro, grad_accum=gas, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-            warmup_steps=warmup, optimizer=type(optimizer).__name__,
-            config=cfg.to_dict(), model=hcfg.to_dict())
+    def _facts(self, schedule: bool = True) -> dict:
+        facts = {"world_size": self.world, "zero_stage": self.stage, "optimizer": type(self.optimizer).__name__}
+        if schedule:
+            facts.update(dtype=str(self.dtype), micro_batch=self.micro, grad_accum=self.gas,
+                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                         warmup_steps=self.warmup)
+        return facts
 
-    fingerprint = dataset.fingerprint
-    meta = {"model": hcfg.to_dict(), "n_items": n_items, "graph_emb": str(Path(cfg.graph_emb).resolve()),
-            "seq_emb": str(Path(cfg.seq_emb).resolve()), "seed": cfg.seed, "max_len": cfg.max_len}
+    def _resume(self) -> dict | None:
+        """Load the newest checkpoint; a finished run's ``results.json`` is returned untouched."""
+        _, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=self.tag, load_module_strict=False)
+        if client is None:
+            raise UsageError(f"could not load checkpoint {self.ckpt_dir / self.tag}")
+        self.state = LoopState.from_dict(client["loop"], self.cfg.patience)
+        self.step_in_epoch, self.best = int(client["step_in_epoch"]), client["best"]
+        self.log.log("resume", step=self.state.step, epoch=self.state.epoch, tag=self.tag,
+                     step_in_epoch=self.step_in_epoch, **self._facts())
+        finished = self.out / RESULTS_NAME
+        if (self.state.epoch >= self.cfg.epochs or self.state.stopper.should_stop) and finished.is_file():
+            return json.loads(finished.read_text())  # nothing left to train: the results stand
+        return None
 
-    def save(tag: str, epoch: int, s_in_epoch: int) -> None:
-        if tag == read_latest(ckpt_dir):
+    def train_epoch(self, epoch: int, state: LoopState) -> dict:
+        """The optimiser steps of ``epoch`` (1-based), from where a resume left it; ``--max-steps`` cuts it."""
+        cfg = self.cfg
+        self.sampler.set_epoch(epoch - 1)  # the data order depends on (seed, epoch) only
+        idx = self.sampler.indices()
+        start, self.step_in_epoch, first = self.step_in_epoch, 0, len(self.losses)
+        bar = progress_bar(range(start, self.steps_per_epoch), desc=f"finetune epoch {epoch}", enabled=self.show)
+        for s in bar:
+            loss = self._optimizer_step(idx, epoch, s, state.step + 1)
+            state.step += 1
+            self.losses.append(loss)
+            self.log.log("train", step=state.step, epoch=epoch, loss=loss, lr=self._lr_at(state.step - 1),
+                         next_lr=self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr") else None)
+            if self.show:
+                bar.set_postfix(loss=f"{loss:.4f}")
+            last = s + 1 == self.steps_per_epoch
+            if cfg.max_steps is not None and state.step >= cfg.max_steps:
+                self.step_in_epoch = 0 if last else s + 1
+                return {"loss": _mean(self.losses[first:]), "stopped": "max_steps", "partial": not last}
+            if cfg.save_every and state.step % cfg.save_every == 0 and not last:
+                self._checkpoint(f"step{state.step}", state, s + 1)
+        return {"loss": _mean(self.losses[first:])}
+
+    def _optimizer_step(self, idx: np.ndarray, epoch: int, s: int, step: int) -> float:
+        """Step ``s`` of the epoch: ``gas`` micro-batches; returns the loss averaged over ranks and micro-batches.
+        A non-finite loss on any rank stops every rank before its backward."""
+        loss_sum = 0.0
+        for a in range(self.gas):
+            k = (s * self.gas + a) * self.micro
+            batch = {key: v.to(self.device) for key, v in self.train.collate(idx[k: k + self.micro]).items()}
+            torch.manual_seed(_micro_seed(self.cfg.seed, epoch - 1, s, a, self.rank))  # dropout noise
+            loss = F.cross_entropy(self.engine(batch), batch["targets"])
+            total = loss.detach().float().clone()
+            dist.all_reduce(total)  # sum over ranks; NaN/inf on any rank makes it non-finite everywhere
+            if not torch.isfinite(total).item():
+                self.log.log("diverged", step=step, epoch=epoch, micro_batch=a)
+                raise TrainingDiverged(f"non-finite loss ({loss.item()}) at epoch {epoch}, optimiser step {step} "
+                                       f"(micro-batch {a}); no checkpoint written for it")
+            loss_sum += total.item() / self.world / self.gas
+            self.engine.backward(loss)
+            self.engine.step()
+        return loss_sum
+
+    def validate(self) -> dict:
+        return self._evaluate("valid")
+
+    def _evaluate(self, split: str) -> dict:
+        import deepspeed
+
+        self.engine.eval()
+        with deepspeed.zero.GatheredParameters(self.model.item_scoring_params(), modifier_rank=None):
+            W, b = self.model.item_scoring()
+        res = evaluate(self.dataset, split, lambda batch: self.model.user_vectors(batch).float(), item_vectors=W,
+                       item_bias=b, batch_size=self.cfg.eval_batch_size, device=self.device, lockstep=True,
+                       progress=self.show, ties=self.cfg.ties)
+        self.engine.train()
+        return res
+
+    def keep_best(self, epoch: int, valid: dict | None, state: LoopState) -> None:
+        """A new best: test it (the reported test is the best-validation epoch's) and export its weights."""
+        test = None
+        if valid is not None:
+            test = self._evaluate("test")
+            self.log.log("test", step=state.step, epoch=epoch, metrics=test)
+        self.best = {"epoch": epoch, "test": test}
+        self._export_weights(epoch)
+
+    def final_test(self, state: LoopState) -> dict | None:
+        return self.best.get("test")
+
+    def save(self, state: LoopState) -> None:
+        """After an epoch (``step{N}-end``) or a cut (``step{N}``: the resume continues the epoch)."""
+        cut = self.step_in_epoch > 0
+        self._checkpoint(f"step{state.step}" + ("" if cut else "-end"), state, self.step_in_epoch)
+
+    def _checkpoint(self, tag: str, state: LoopState, step_in_epoch: int) -> None:
+        if tag == read_latest(self.ckpt_dir):
             raise RuntimeError(f"checkpoint tag {tag} is the one `latest` names; refusing to overwrite it")
-        client = {"epoch": epoch, "step_in_epoch": s_in_epoch, "global_step": global_step,
-                  "stopper": stopper.state_dict(), "best": best, "config": cfg.to_dict()}
-        if rank == 0 and (ckpt_dir / tag).exists():
-            shutil.rmtree(ckpt_dir / tag)
+        client = {"loop": state.state_dict(), "step_in_epoch": step_in_epoch, "best": self.best}
+        if self.rank == 0 and (self.ckpt_dir / tag).exists():
+            shutil.rmtree(self.ckpt_dir / tag)
         dist.barrier()
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False,
-                               exclude_frozen_parameters=True)
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False,
+                                    exclude_frozen_parameters=True)
         dist.barrier()  # every rank's files are written: only now move the pointer
-        if rank == 0:
-            write_json_atomic(ckpt_dir / LATEST, tag)
-            tags = sorted((d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
+        if self.rank == 0:
+            write_json_atomic(self.ckpt_dir / tag / RUN_META, {"recipe": self.name, "dataset":
+                              self.dataset.fingerprint, "config": self._resume_config()})
+            write_json_atomic(self.ckpt_dir / LATEST, tag)
+            tags = sorted((d for d in self.ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
                           key=lambda d: _tag_order(d.name))
-            for d in tags[: max(0, len(tags) - cfg.keep_checkpoints)]:
+            for d in tags[: max(0, len(tags) - self.cfg.keep_checkpoints)]:
                 if d.name != tag:
                     shutil.rmtree(d, ignore_errors=True)
         dist.barrier()
-        log.log("checkpoint", step=global_step, tag=tag)
+        self.log.log("checkpoint", step=state.step, tag=tag)
 
-    def export(epoch: int) -> None:
-        trainable = [(n, p) for n, p in hmodel.named_parameters() if p.requires_grad]
-        state = gather_named(trainable)
+    def _export_weights(self, epoch: int) -> None:
+        """``hellm_adapter.*`` (+ the config-built backbone once, for the ``lora`` scope), gathered from the
+        shards on every rank, written by rank 0."""
+        from hellm_ds.llm.config import MODEL_SIZES
+
+        built_lora = self.hcfg.model in MODEL_SIZES and self.hcfg.trainable_scope == "lora"
+        state = gather_named([(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
         base = None
-        if hcfg.model in MODEL_SIZES and hcfg.trainable_scope == "lora" and not (out / BASE_NAME).exists():
-            base = gather_named([(n, p) for n, p in hmodel.named_parameters() if not p.requires_grad])
-        if rank == 0:
-            m = {**meta, "epoch": epoch, "base": BASE_NAME if hcfg.model in MODEL_SIZES and
-                 hcfg.trainable_scope == "lora" else None}
-            if base is not None:
-                export_tensors(out / BASE_NAME, base, m, fingerprint, overwrite_other_dataset=True)
-            export_tensors(out / ADAPTER_NAME, state, m, fingerprint, overwrite_other_dataset=True)
-            write_json_atomic(out / ADAPTER_CONFIG, {**m, "dataset": fingerprint})
+        if built_lora and not (self.out / BASE_NAME).exists():
+            base = gather_named([(n, p) for n, p in self.model.named_parameters() if not p.requires_grad])
+        if self.rank == 0:
+            meta = {"model": self.hcfg.to_dict(), "n_items": self.dataset.n_items,
+                    "graph_emb": str(Path(self.cfg.graph_emb).resolve()),
+                    "seq_emb": str(Path(self.cfg.seq_emb).resolve()), "seed": self.cfg.seed,
+                    "max_len": self.cfg.max_len, "epoch": epoch, "base": BASE_NAME if built_lora else None}
+            write_adapter(self.out, state, meta, self.dataset.fingerprint, base=base)  # tensors, then JSON
         dist.barrier()
 
-    def run_eval(split: str) -> dict:
-        engine.eval()
-        with deepspeed.zero.GatheredParameters(hmodel.item_scoring_params(), modifier_rank=None):
-            W, b = hmodel.item_scoring()
-        res = evaluate(dataset, split, lambda batch: hmodel.user_vectors(batch).float(), item_vectors=W,
-                       item_bias=b, batch_size=cfg.eval_batch_size, device=device, lockstep=True,
-                       progress=show, ties=cfg.ties)
-        engine.train()
-        return res
+    def export(self, result: dict) -> dict:
+        """``results.json`` (``partial_results.json`` after a ``--max-steps`` stop); the weights were exported at
+        the best epoch."""
+        if self.rank == 0:
+            name = ("partial_" if result["stop_reason"] == "max_steps" else "") + RESULTS_NAME
+            write_json_atomic(self.out / name, result)
+        return {}
 
-    losses: list[float] = []
-    stopped = None
-    engine.train()
-    t0 = time.time()
-    for epoch in range(epoch0, cfg.epochs):
-        if stopper.should_stop:
-            stopped = "early_stop"
-            break
-        sampler.set_epoch(epoch)
-        idx = sampler.indices()
-        start = step_in_epoch if epoch == epoch0 else 0
-        te, first = time.time(), len(losses)
-        bar = progress_bar(range(start, steps_per_epoch), desc=f"finetune epoch {epoch}", enabled=show)
-        for s in bar:
-            step_loss = torch.zeros((), dtype=torch.float64)
-            for a in range(gas):
-                k = (s * gas + a) * micro
-                batch = {key: v.to(device) for key, v in train.collate(idx[k: k + micro]).items()}
-                torch.manual_seed(_micro_seed(cfg.seed, epoch, s, a, rank))
-                logits = engine(batch)
-                loss = F.cross_entropy(logits, batch["targets"])
-                total = loss.detach().float().clone()
-                dist.all_reduce(total)  # sum over ranks; NaN/inf on any rank makes it non-finite everywhere
-                if not torch.isfinite(total).item():
-                    log.log("diverged", step=global_step + 1, epoch=epoch, micro_batch=a)
-                    raise TrainingDiverged(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch}, optimiser step {global_step + 1} "
-                        f"(micro-batch {a}); no checkpoint written for it")
-                step_loss += total.item() / world / gas
-                engine.backward(loss)
-                engine.step()
-            global_step += 1
-            lr = scheduler.get_last_lr()[0] if hasattr(scheduler, "get_last_lr") else None
-            losses.append(float(step_loss))
-            log.log("train", step=global_step, epoch=epoch, loss=float(step_loss),
-                    lr=lr_at(global_step - 1, cfg.lr, cfg.min_lr, warmup, total_steps), next_lr=lr)
-            if show:
-                bar.set_postfix(loss=f"{float(step_loss):.4f}")
-            if cfg.save_every and global_step % cfg.save_every == 0 and s + 1 < steps_per_epoch:
-                save(f"step{global_step}", epoch, s + 1)
-            if cfg.max_steps is not None and global_step >= cfg.max_steps:
-                stopped = "max_steps"
-                break
-        if stopped == "max_steps":
-            break
-        # -- end of epoch: validate, test at a new best, checkpoint --
-        rec: dict = {"epoch": epoch}
-        if not cfg.skip_eval:
-            valid = run_eval("valid")
-            proto, metric = cfg.select_metric.split("/", 1)
-            value = valid[proto][metric]
-            log.log("valid", step=global_step, epoch=epoch, metrics=valid)
-            if stopper.update(value if math.isfinite(value) else float("-inf"), epoch):
-                test = run_eval("test")
-                log.log("test", step=global_step, epoch=epoch, metrics=test)
-                best = {"epoch": epoch, "valid": valid, "test": test}
-                export(epoch)
-            rec["valid"] = valid
-        else:
-            best = {"epoch": epoch}
-            export(epoch)
-        if show:  # one line per epoch (the bar is drawn on a terminal only)
-            part = losses[first:]
-            sel = f", valid {cfg.select_metric} {rec['valid'][proto][metric]:.4f}" if "valid" in rec else ""
-            progress_line(f"finetune epoch {epoch}: loss {np.mean(part) if part else float('nan'):.4f} "
-                          f"({time.time() - te:.1f} s){sel}")
-        # its own tag: a run stopped by --max-steps on an epoch's last step saved step{N} before this
-        # epoch's evaluation, and a resume must not overwrite the checkpoint ``latest`` names
-        save(f"step{global_step}-end", epoch + 1, 0)
-    results = {"best_epoch": best.get("epoch"), "valid": best.get("valid"), "test": best.get("test"),
-               "ties": cfg.ties, "global_step": global_step, "stopped": stopped, "losses": losses,
-               "seconds": round(time.time() - t0, 2), "world_size": world, "zero_stage": stage,
-               "optimizer": type(optimizer).__name__}
-    if stopped == "max_steps" and not (cfg.save_every and global_step % cfg.save_every == 0
-                                       and s + 1 < steps_per_epoch):
-        save(f"step{global_step}", epoch, s + 1)  # not saved by the loop just now
-    if rank == 0:
-        name = "partial_" + RESULTS_NAME if stopped == "max_steps" else RESULTS_NAME
-        # per-step losses live in log.jsonl (across resumes); ``seconds`` is this invocation's wall time
-        write_json_atomic(out / name, {k: v for k, v in results.items() if k != "losses"})
-    log.log("done", step=global_step, best_epoch=best.get("epoch"), stopped=stopped)
-    log.close()
-    del hf_ds_config
-    return results
+    def _report_partitioning(self) -> None:
+        rep = partition_report(self.model, self.rank, self.world)
+        rep.update(zero_stage=self.stage, constructed_partitioned=self.constructed_partitioned,
+                   backbone_params=sum(1 for _ in self.model.backbone.parameters()))
+        write_json_atomic(self.out / "partitioning" / f"rank{self.rank}.json", rep)
+
+    def close(self) -> None:
+        """Release the engine now, while the process group still exists (not at interpreter exit)."""
+        self.log.close()
+        self.engine = self.model = self.optimizer = self.scheduler = self._hf_ds_config = None
 
 
-# ---- reload without DeepSpeed ----------------------------------------------------------------------------
-def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
-                 seq_items: torch.Tensor | None = None, device: str | torch.device = "cpu"):
-    """HeLLM rebuilt in one plain process from ``out_dir``'s export (``hellm_adapter.*``, plus
-    ``hellm_base.safetensors`` for a config-built backbone); the item tables default to the paths the run
-    used. Returns the model in eval mode."""
-    from hellm_ds.llm import HeLLMConfig
-    from hellm_ds.utils.checkpoint import load_tensors
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
-    out_dir = Path(out_dir)
-    meta = json.loads((out_dir / ADAPTER_CONFIG).read_text())
-    cfg = HeLLMConfig.from_dict(meta["model"])
-    if cfg.model == ".":  # a merged export (hellm_ds.train.merge): the backbone is this directory
-        cfg = replace(cfg, model=str(out_dir))
-    if graph_items is None:
-        graph_items = load_tensors(meta["graph_emb"])[0]["item"].float()
-    if seq_items is None:
-        seq_items = load_tensors(meta["seq_emb"])[0]["item"].float()
-    model = _build_model(cfg, graph_items, seq_items, cfg.torch_dtype("cpu"), meta.get("seed", 0))
-    params = dict(model.named_parameters())
-    if meta.get("base"):
-        base, _ = load_tensors(out_dir / meta["base"])
-        with torch.no_grad():
-            for n, t in base.items():
-                params[n].copy_(t)
-    state, _ = load_tensors(out_dir / ADAPTER_NAME)
-    model.load_trainable_state_dict(state)
-    return model.to(device).eval()
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Train (or resume) one run; returns the results dict (same on every rank) with this invocation's
+    per-step ``losses``. The caller's RNG state is untouched: every draw is seeded from (seed, epoch, step,
+    micro-batch, rank)."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    devices = [local % torch.cuda.device_count()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        trainer = FinetuneTrainer(cfg)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------

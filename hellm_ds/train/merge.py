@@ -19,7 +19,6 @@ beside it, then renamed).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -62,9 +61,8 @@ def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | Non
 
     from hellm_ds.llm.backbone import llama_config
     from hellm_ds.llm.config import DTYPES, MODEL_SIZES, HeLLMConfig
-    from hellm_ds.train.evaluate import read_adapter_meta
-    from hellm_ds.train.finetune import ADAPTER_CONFIG, ADAPTER_NAME, load_adapter
-    from hellm_ds.utils.checkpoint import export_tensors, read_metadata
+    from hellm_ds.exports import ADAPTER_NAME, load_adapter, read_adapter_meta, write_adapter
+    from hellm_ds.utils.checkpoint import read_metadata
 
     src, out = Path(checkpoint_dir), Path(out_dir)
     meta = read_adapter_meta(src)
@@ -78,7 +76,7 @@ def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | Non
     out_dtype = DTYPES[dtype] if dtype else cfg.torch_dtype("cpu")
     fingerprint = read_metadata(src / ADAPTER_NAME).get("dataset", meta.get("dataset"))
 
-    model = load_adapter(src).float()  # merge in fp32
+    model = load_adapter(src, meta=meta).float()  # merge in fp32 (after the SHA-256 checks)
     n_merged = merge_lora_layers(model.backbone)
     decoder_state = decoder_state_dict(model.backbone)
     own = {n: p.detach() for n, p in model.named_parameters()
@@ -106,9 +104,7 @@ def merge_lora(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | Non
     try:
         lm.save_pretrained(tmp)
         model.tokenizer.save_pretrained(tmp)
-        export_tensors(tmp / ADAPTER_NAME, {k: v.to(out_dtype) for k, v in own.items()}, new_meta,
-                       fingerprint)
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps({**new_meta, "dataset": fingerprint}, indent=1))
+        write_adapter(tmp, {k: v.to(out_dtype) for k, v in own.items()}, new_meta, fingerprint)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

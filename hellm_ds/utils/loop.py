@@ -28,7 +28,7 @@ is the number of optimiser steps taken):
                 ``partial: true`` when the epoch was cut short (``max_steps``)
 ``test``        ``step``, ``epoch``, ``metrics``: a recipe that tests during training (fine-tuning)
 ``checkpoint``  ``step``, ``tag``
-``result``      ``step``, ``valid``, ``test``, ``ties``, ``best_epoch``, ``epochs_run``,
+``result``      ``step``, ``valid``, ``test``, ``ties``, ``best_epoch``, ``epochs_run``, ``global_step``,
                 ``stop_reason``, ``seconds``, ``seconds_per_epoch`` (+ recipe facts): the run's end
 ==============  ==================================================================================
 
@@ -59,6 +59,7 @@ class LoopConfig:
     time_budget: float | None = None  # seconds, across resumes
     select_protocol: str = "paper"
     select_metric: str = "NDCG@10"
+    evaluate: bool = True  # False: no validation; every epoch end is kept as the best (fine-tuning --skip-eval)
 
     def selection(self, valid: dict) -> float:
         v = float(valid[self.select_protocol][self.select_metric])
@@ -73,31 +74,34 @@ class LoopState:
     step: int = 0  # optimiser steps done
     elapsed: float = 0.0  # seconds of earlier invocations (the time budget's clock)
     stopper: EarlyStopper = field(default_factory=lambda: EarlyStopper(1))
-    best_valid: dict | None = None
+    best_epoch: int | None = None  # the kept state's epoch
+    best_valid: dict | None = None  # and its validation
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "elapsed": self.elapsed,
-                "stopper": self.stopper.state_dict(), "best_valid": self.best_valid}
+                "stopper": self.stopper.state_dict(), "best_epoch": self.best_epoch,
+                "best_valid": self.best_valid}
 
     @classmethod
     def from_dict(cls, d: dict, patience: int) -> "LoopState":
         stopper = EarlyStopper(patience)
         stopper.load_state_dict(d["stopper"])
         return cls(epoch=int(d["epoch"]), step=int(d["step"]), elapsed=float(d["elapsed"]), stopper=stopper,
-                   best_valid=d["best_valid"])
+                   best_epoch=d["best_epoch"], best_valid=d["best_valid"])
 
 
 class Recipe(Protocol):
     name: str  # "graph" | "sasrec" | "finetune": the log's and the checkpoint's recipe
 
     def train_epoch(self, epoch: int, state: LoopState) -> dict:
-        """One pass; returns ``loss`` (mean) and optional loss terms; advances ``state.step``. A pass cut
-        short by a step cap returns ``stopped="max_steps"``."""
+        """One pass; returns ``loss`` (mean) and optional loss terms; advances ``state.step``. A step cap
+        returns ``stopped="max_steps"``, and ``partial=True`` when it cut the pass before its end."""
 
     def validate(self) -> dict: ...
 
-    def keep_best(self, epoch: int, valid: dict, state: LoopState) -> None:
-        """A new best validation: keep what ``final_test`` needs (weights, or a test result)."""
+    def keep_best(self, epoch: int, valid: dict | None, state: LoopState) -> None:
+        """A new best validation (None: the run does not evaluate): keep what ``final_test`` needs (weights,
+        or a test result and an export)."""
 
     def save(self, state: LoopState) -> None:
         """Checkpoint the loop state with the recipe's own (after every epoch)."""
@@ -178,15 +182,17 @@ def run_loop(recipe: Recipe, lc: LoopConfig, state: LoopState, log: RunLog, prog
         epoch = state.epoch + 1
         te = time.perf_counter()
         stats = recipe.train_epoch(epoch, state)
-        cut = stats.pop("stopped", None)
+        cut, partial = stats.pop("stopped", None), stats.pop("partial", False)
         seconds.append(time.perf_counter() - te)
         budget_hit = over_budget()
         rec = {**stats, "seconds": round(seconds[-1], 3)}
-        if not cut:
+        if not partial:
             state.epoch = epoch
         if cut or epoch % lc.eval_every == 0 or epoch == lc.epochs or budget_hit:
-            rec["valid"] = _validate(recipe, lc, state, epoch)
-        if cut:
+            valid = _consider(recipe, lc, state, epoch, partial)
+            if valid is not None:
+                rec["valid"] = valid
+        if partial:
             rec["partial"] = True
         log.log("epoch", step=state.step, epoch=epoch, **rec)
         if progress:  # one line per epoch (the bar is drawn on a terminal only)
@@ -196,14 +202,12 @@ def run_loop(recipe: Recipe, lc: LoopConfig, state: LoopState, log: RunLog, prog
         state.elapsed = elapsed()
         recipe.save(state)
         stop = cut or ("early_stop" if state.stopper.should_stop else "time_budget" if budget_hit else None)
-    if state.best_valid is None:  # never validated (e.g. epochs=0): the current state is the only candidate
-        valid = recipe.validate()
-        state.stopper.update(lc.selection(valid), state.epoch)
-        state.best_valid = valid
-        recipe.keep_best(state.epoch, valid, state)
+    if state.best_epoch is None:  # nothing kept yet (e.g. epochs=0): the current state is the only candidate
+        _consider(recipe, lc, state, state.epoch, partial=True)
     test = recipe.final_test(state)
-    result = {"valid": state.best_valid, "test": test, "best_epoch": state.stopper.best_epoch,
-              "epochs_run": state.epoch, "stop_reason": stop or "epochs", "seconds": round(elapsed(), 3),
+    result = {"valid": state.best_valid, "test": test, "best_epoch": state.best_epoch,
+              "epochs_run": state.epoch, "global_step": state.step, "stop_reason": stop or "epochs",
+              "seconds": round(elapsed(), 3),
               "seconds_per_epoch": round(sum(seconds) / len(seconds), 3) if seconds else None,
               **(extra_result or {})}
     result.update(recipe.export(result))
@@ -211,9 +215,17 @@ def run_loop(recipe: Recipe, lc: LoopConfig, state: LoopState, log: RunLog, prog
     return result
 
 
-def _validate(recipe: Recipe, lc: LoopConfig, state: LoopState, epoch: int) -> dict:
+def _consider(recipe: Recipe, lc: LoopConfig, state: LoopState, epoch: int, partial: bool) -> dict | None:
+    """Validate ``epoch`` and keep its state when it is the best so far. A cut epoch (``partial``) is kept only
+    while nothing else is, and early stopping never sees it: a resumed run validates the whole epoch and
+    selects exactly as an uninterrupted one. Returns the metrics (None when the run does not evaluate)."""
+    if not lc.evaluate:
+        state.best_epoch = epoch
+        recipe.keep_best(epoch, None, state)
+        return None
     valid = recipe.validate()
-    if state.stopper.update(lc.selection(valid), epoch):
-        state.best_valid = valid
+    new = state.best_epoch is None if partial else state.stopper.update(lc.selection(valid), epoch)
+    if new:
+        state.best_epoch, state.best_valid = epoch, valid
         recipe.keep_best(epoch, valid, state)
     return valid

@@ -7,11 +7,11 @@ or from Python::
     from hellm_ds.utils.plot import plot_run
     info = plot_run("runs/graph")           # {"files": [{"path": ".../loss.png", "shows": "..."}, ...], ...}
 
-The recipes share one log schema (``hellm_ds.utils.loop``): ``start`` (naming the recipe), ``resume``,
-``epoch`` (``epoch`` from 1, ``loss`` and the graph recipe's terms ``bpr``/``reg``/``cl_user``/``cl_item``,
-``valid`` when validated), ``result`` (best ``valid``, ``test``, ``best_epoch``). Fine-tuning also logs
-``train`` (one per optimiser step: ``loss``, ``lr``), ``valid``/``test`` (per epoch, ``metrics``),
-``checkpoint`` and ``done`` (``best_epoch``). Stage-1 curves are drawn per epoch, fine-tuning's per step.
+Every recipe writes the one log schema of ``hellm_ds.utils.loop``: ``start`` (naming the recipe), ``resume``,
+``epoch`` (``step``, ``epoch`` from 1, ``loss`` and the graph recipe's terms ``bpr``/``reg``/``cl_user``/
+``cl_item``, ``valid`` when validated), ``result`` (best ``valid``, ``test``, ``best_epoch``); fine-tuning
+adds ``train`` (one per optimiser step: ``loss``, ``lr``). Curves with per-step records are drawn per
+optimiser step, the others per epoch.
 
 Files written to ``out`` (default ``DIR/plots``), each atomically (a temporary file, then ``os.replace``):
 
@@ -24,9 +24,8 @@ Files written to ``out`` (default ``DIR/plots``), each atomically (a temporary f
   ``filtered``) vs epoch (stage 1) or optimiser step (finetune), with the test point at the best epoch marked.
 
 Resumed runs: records appended after a ``resume`` event replace the earlier ones of the same step (the last
-value of each step is kept), and records of the abandoned run beyond the resume point are dropped. A
-fine-tuning run restarted without ``--resume`` appends to the same log: only the records from its last fresh
-``start`` are plotted.
+value of each step is kept), and records of the abandoned run beyond the resume point are dropped. (A fresh
+run truncates its log.)
 
 A missing log or a line that is not a JSON object with the fields its event needs raises
 ``hellm_ds.errors.DataFormatError`` naming the file and line; matplotlib missing raises ``UsageError``.
@@ -139,31 +138,14 @@ def _metrics(path: Path, ln: int, obj, what: str) -> dict:
 
 
 def detect_recipe(records: list[dict]) -> str:
-    for r in records:  # the shared loop's start record names its recipe (hellm_ds.utils.loop)
+    """The recipe the ``start`` record names (``hellm_ds.utils.loop``); a log that does not begin with one
+    (an interrupted first start) is recognised by its per-step ``train`` records (fine-tuning only)."""
+    for r in records:
         if r["event"] == "start" and r.get("recipe") in ("graph", "sasrec", "finetune"):
             return r["recipe"]
-    events = {r["event"] for r in records}
-    if events & {"train", "valid", "test", "done", "checkpoint"}:
+    if any(r["event"] == "train" for r in records):
         return "finetune"
-    if "result" in events or any(r["event"] == "start" for r in records):
-        return "sasrec"
-    if events & {"epoch", "final"}:
-        return "graph"
-    return "unknown"
-
-
-def _last_segment(records: list[tuple[int, dict]]) -> tuple[list[tuple[int, dict]], int]:
-    """The records from the last fresh ``start`` (one not right after a ``resume``) on, and how many runs the
-    log held (fine-tuning appends to its log even when it starts afresh)."""
-    starts = [i for i, (_, r) in enumerate(records)
-              if r["event"] == "start" and not (i > 0 and records[i - 1][1]["event"] == "resume")]
-    if not starts:
-        return records, 1
-    # a fresh run's 'warning' about stale checkpoints comes just before its 'start'
-    first = starts[-1]
-    while first > 0 and records[first - 1][1]["event"] == "warning":
-        first -= 1
-    return records[first:], len(starts)
+    return "unknown" if not any(r["event"] == "epoch" for r in records) else "stage-1"
 
 
 class _Series:
@@ -189,80 +171,60 @@ class _Series:
 def parse_run(run_dir: str | Path) -> dict:
     """The curves of a run, deduplicated: ``{"recipe", "x_label", "loss": [(x, y)], "terms": {name: [(x, y)]},
     "lr": [(x, y)], "valid": [(x, {proto: {metric: v}})], "test": (x, metrics) | None, "best_epoch",
-    "resumes", "runs_in_log", "records"}``."""
+    "resumes", "records"}``. Every series is keyed by the optimiser step (a ``resume`` drops the records
+    after its step); x is the step for fine-tuning (per-step ``train`` records) and the epoch otherwise."""
     log_path = _log_path(run_dir)
-    all_records = load_log(log_path)
-    recipe = detect_recipe([r for _, r in all_records])
-    records, runs = _last_segment(all_records) if recipe == "finetune" else (all_records, 1)
-    loss, lr, valid, test = _Series(), _Series(), _Series(), _Series()
+    records = load_log(log_path)
+    recipe = detect_recipe([r for _, r in records])
+    per_step = any(r["event"] == "train" for _, r in records)
+    loss, lr, valid, epochs = _Series(), _Series(), _Series(), _Series()  # epochs: step → epoch
     terms: dict[str, _Series] = {}
-    epoch_step: dict[int, int] = {}  # finetune: epoch → step of its validation
     best_epoch, final_test, resumes = None, None, 0
-
     for ln, rec in records:
         ev = rec["event"]
         if ev == "resume":
             resumes += 1
-            key = "step" if recipe == "finetune" else "epoch"  # stage 1 is drawn per epoch
-            if key not in rec:
-                continue
-            at = _step(log_path, ln, rec, key)
-            for series in (loss, lr, valid, test, *terms.values()):
+            at = _step(log_path, ln, rec)
+            for series in (loss, lr, valid, epochs, *terms.values()):
                 series.truncate_after(at)
-        elif recipe == "finetune":
-            if ev == "train":
-                s = _step(log_path, ln, rec)
+        elif ev == "train":
+            s = _step(log_path, ln, rec)
+            loss.put(s, _num(log_path, ln, rec, "loss"))
+            v = _num(log_path, ln, rec, "lr", required=False)
+            if v is not None:
+                lr.put(s, v)
+        elif ev == "epoch":
+            s = _step(log_path, ln, rec)
+            if not per_step:
                 loss.put(s, _num(log_path, ln, rec, "loss"))
-                v = _num(log_path, ln, rec, "lr", required=False)
-                if v is not None:
-                    lr.put(s, v)
-            elif ev in ("valid", "test"):
-                s = _step(log_path, ln, rec)
-                m = _metrics(log_path, ln, rec.get("metrics"), f"{ev}.metrics")
-                ep = rec.get("epoch")
-                (valid if ev == "valid" else test).put(s, (ep, m))
-                if ev == "valid" and isinstance(ep, int):
-                    epoch_step[ep] = s
-            elif ev == "done":
-                be = rec.get("best_epoch")
-                best_epoch = be if isinstance(be, int) and not isinstance(be, bool) else None
-        else:  # graph / sasrec: one record per epoch
-            if ev == "epoch":
-                s = _step(log_path, ln, rec, "epoch" if "epoch" in rec else "step")
-                loss.put(s, _num(log_path, ln, rec, "loss"))
-                for k in GRAPH_TERMS:
-                    if k in rec:
-                        terms.setdefault(k, _Series()).put(s, _num(log_path, ln, rec, k))
-                if rec.get("valid") is not None:
-                    valid.put(s, (s, _metrics(log_path, ln, rec["valid"], "valid")))
-            elif ev in ("final", "result"):
-                be = rec.get("best_epoch")
-                best_epoch = be if isinstance(be, int) and not isinstance(be, bool) else None
-                if rec.get("test") is not None:
-                    final_test = _metrics(log_path, ln, rec["test"], "test")
+            epochs.put(s, _step(log_path, ln, rec, "epoch"))
+            for k in GRAPH_TERMS:
+                if k in rec:
+                    terms.setdefault(k, _Series()).put(s, _num(log_path, ln, rec, k))
+            if rec.get("valid") is not None:
+                valid.put(s, _metrics(log_path, ln, rec["valid"], "valid"))
+        elif ev == "result":
+            be = rec.get("best_epoch")
+            best_epoch = be if isinstance(be, int) and not isinstance(be, bool) else None
+            final_test = None if rec.get("test") is None else _metrics(log_path, ln, rec["test"], "test")
 
-    # the test point at the best epoch
+    epoch_of = dict(epochs.items())
+    x = (lambda s: s) if per_step else (lambda s: epoch_of.get(s, s))
     test_point = None
-    if recipe == "finetune":
-        tests = test.items()
-        if best_epoch is not None:
-            tests = [t for t in tests if t[1][0] == best_epoch] or tests
-        if tests:
-            s, (ep, m) = tests[-1]
-            test_point = (epoch_step.get(ep, s), m)
-            best_epoch = ep if isinstance(ep, int) else best_epoch
-    elif final_test is not None and best_epoch is not None:
-        test_point = (best_epoch, final_test)
-
+    if final_test is not None and best_epoch is not None:
+        at = [s for s, e in epochs.items() if e == best_epoch]  # the step of the best epoch's (last) record
+        if not per_step:
+            test_point = (best_epoch, final_test)
+        elif at:
+            test_point = (at[-1], final_test)
     return {
         "path": str(log_path), "recipe": recipe,
-        "x_label": "optimiser step" if recipe == "finetune" else "epoch",
-        "loss": [(s, v) for s, v in loss.items()],
-        "terms": {k: [(s, v) for s, v in t.items()] for k, t in terms.items() if len(t)},
+        "x_label": "optimiser step" if per_step else "epoch",
+        "loss": [(x(s), v) for s, v in loss.items()],
+        "terms": {k: [(x(s), v) for s, v in t.items()] for k, t in terms.items() if len(t)},
         "lr": [(s, v) for s, v in lr.items()],
-        "valid": [(s, m) for s, (_, m) in valid.items()],
-        "test": test_point, "best_epoch": best_epoch, "resumes": resumes, "runs_in_log": runs,
-        "records": len(records),
+        "valid": [(x(s), m) for s, m in valid.items()],
+        "test": test_point, "best_epoch": best_epoch, "resumes": resumes, "records": len(records),
     }
 
 
@@ -334,11 +296,11 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metrics=DEFAULT
         ax = fig.add_subplot()
         ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1, label="raw")
         ax.plot(xs, sm, color="tab:blue", linewidth=2, label="smoothed")
-        if run["best_epoch"] is not None and run["recipe"] != "finetune":
+        if run["best_epoch"] is not None and run["x_label"] == "epoch":
             ax.axvline(run["best_epoch"], color="gray", linestyle=":", linewidth=1, label="best epoch")
         ax.set_xlabel(xl)
         ax.set_ylabel("training loss")
-        ax.set_title(f"{title}: loss per {'step' if run['recipe'] == 'finetune' else 'epoch'}")
+        ax.set_title(f"{title}: loss per {'epoch' if run['x_label'] == 'epoch' else 'step'}")
         ax.grid(alpha=0.3)
         ax.legend()
         bad = len(ys) - len(_finite(run["loss"]))
@@ -425,8 +387,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, metrics=DEFAULT
               "best_epoch": run["best_epoch"],
               "test": None if run["test"] is None else {p: {m: v for m, v in ms.items() if m in metrics}
                                                         for p, ms in run["test"][1].items()}}
-    if run["runs_in_log"] > 1:
-        notes.append(f"the log holds {run['runs_in_log']} runs; plotted the last")
     if notes:
         result["notes"] = notes
     return result

@@ -41,7 +41,7 @@ def evaluate_row(model: str, run: Path, dataset) -> dict:
     from hellm_ds.eval.evaluator import evaluate_splits
     from hellm_ds.pretrain.train_graph import EXPORT_NAME as GRAPH_EXPORT
     from hellm_ds.pretrain.train_sasrec import MODEL_NAME, load_sasrec
-    from hellm_ds.train.evaluate import evaluate_checkpoint
+    from hellm_ds.eval.checkpoint import evaluate_checkpoint
     from hellm_ds.utils.checkpoint import load_tensors
 
     out: dict = {s: {} for s in SPLITS}

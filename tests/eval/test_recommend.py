@@ -48,7 +48,7 @@ def _cli(*args) -> tuple[int, dict | None]:
 
 def test_recommend_matches_the_model_logits(tables, export, tmp_path):
     from hellm_ds.data.batching import left_pad
-    from hellm_ds.train import load_adapter
+    from hellm_ds.exports import load_adapter
 
     data = tables[0]
     ds = load_dataset(data, max_len=10)

@@ -204,9 +204,9 @@ def test_per_gpu_ranks_join_one_world_and_requeue_resumes(per_gpu_run):
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 1 and resume[0]["tag"] == "step1"
     assert [e["step"] for e in events if e["event"] == "train"] == [1, 2]
-    assert [e["world_size"] for e in events if e["event"] == "start"] == [2, 2]
+    assert [e["world_size"] for e in events if e["event"] in ("start", "resume")] == [2, 2]
     res = json.loads((r["out"] / RESULTS_NAME).read_text())
-    assert res["world_size"] == 2 and res["global_step"] == 2 and res["stopped"] is None
+    assert res["world_size"] == 2 and res["global_step"] == 2 and res["stop_reason"] == "epochs"
     assert (r["out"] / ADAPTER_NAME).is_file()
     assert (r["out"] / "checkpoints" / "latest").read_text().strip() == "step2-end"
 

@@ -46,6 +46,9 @@ def test_export_roundtrip_and_metadata(trained):
     assert again["paper"]["NDCG@10"] == pytest.approx(res["test"]["paper"]["NDCG@10"], abs=1e-6)
     log = read_log(out / "log.jsonl")
     assert [r["event"] for r in log][-1] == "result" and all("loss" in r for r in log if r["event"] == "epoch")
+    # which sparse kernel ran and why, in the result, its log record and the export (CPU: torch CSR, unprobed)
+    assert log[-1]["kernels"] == res["kernels"] == meta["result"]["kernels"]
+    assert any(k["chosen"] == "torch" and k["mode"] == "default" and k["op"] == "spmm" for k in res["kernels"])
 
 
 def test_resume_continues_the_same_trajectory(synth_dir, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hellm_ds.cli import main
-from hellm_ds.train.finetune import ADAPTER_CONFIG, ADAPTER_NAME, RESULTS_NAME
+from hellm_ds.exports import ADAPTER_CONFIG, ADAPTER_NAME, RESULTS_NAME
 from tests.train.common import run
 
 
@@ -62,7 +62,7 @@ def test_evaluate_per_user_file_and_raw_ids(trained, tables, tmp_path, capsys):
 
     from hellm_ds.eval.metrics import per_user_metrics
     from hellm_ds.pipeline import recommend_examples
-    from hellm_ds.train.evaluate import load_run_dataset
+    from hellm_ds.exports import load_run_dataset
 
     data = tmp_path / "data"
     shutil.copytree(tables[0], data)

@@ -47,13 +47,14 @@ def test_single_process_zero3_end_to_end_export_reload(tables, tmp_path):
     run(tables, out, "--epochs", "2", "--steps-per-epoch", "6", "--save-every", "4")
     res = json.loads((out / "results.json").read_text())
     assert res["zero_stage"] == 3 and res["world_size"] == 1 and res["global_step"] == 12
-    assert res["best_epoch"] in (0, 1) and res["test"] is not None
+    assert res["best_epoch"] in (1, 2) and res["test"] is not None
     ev = log(out)
     train = [r for r in ev if r["event"] == "train"]
     assert len(train) == 12 and all(math.isfinite(r["loss"]) for r in train)
     # METHOD §5 schedule: warm-up over the first epoch (6 steps), then half-cosine to 5e-6
     assert [r["lr"] for r in train] == pytest.approx([lr_at(s, 3e-4, 5e-6, 6, 12) for s in range(12)])
-    assert [r["epoch"] for r in ev if r["event"] == "valid"] == [0, 1]
+    assert [r["epoch"] for r in ev if r["event"] == "epoch" and "valid" in r] == [1, 2]  # epochs from 1
+    assert [r["event"] for r in ev][-1] == "result" and res["stop_reason"] == "epochs"
     ck = out / CKPT_DIR
     tag = (ck / "latest").read_text().strip()
     assert tag == "step12-end" and (ck / tag).is_dir()
@@ -66,6 +67,10 @@ def test_single_process_zero3_end_to_end_export_reload(tables, tmp_path):
         assert (rec["trainable_scope"], rec["item_head"]) == ("full", "tied"), rec
     assert meta["base"] is None  # scope full: the trained backbone is in the adapter export
 
+    from hellm_ds.utils.plot import parse_run
+
+    curves = parse_run(out)  # the shared log schema, read by plot
+    assert [x for x, _ in curves["valid"]] == [6, 12] and curves["best_epoch"] == res["best_epoch"]
     model = load_adapter(out)  # one plain process, no DeepSpeed engine
     ds = load_dataset(tables[0], max_len=10)
     with torch.no_grad():
@@ -132,20 +137,37 @@ def test_resume_same_losses(tables, tmp_path):
 
 
 def test_resume_after_max_steps_on_an_epoch_end(tables, tmp_path):
-    """Stopped by --max-steps on an epoch's last step (saved before that epoch's evaluation): the resume
-    evaluates the epoch and checkpoints under a tag of its own — never over the one `latest` names."""
+    """Stopped by --max-steps on an epoch's last step: that epoch is validated, tested and exported before the
+    stop and checkpointed as an epoch end; the resume trains the next epoch under a tag of its own."""
     out = tmp_path / "run"
     args = ("--epochs", "2", "--steps-per-epoch", "3", "--lr", "1e-3")
     run(tables, out, *args, "--max-steps", "3")
-    assert (out / CKPT_DIR / "latest").read_text().strip() == "step3"
+    assert (out / CKPT_DIR / "latest").read_text().strip() == "step3-end"
+    partial = json.loads((out / "partial_results.json").read_text())
+    assert partial["stop_reason"] == "max_steps" and partial["best_epoch"] == 1 and partial["test"] is not None
+    assert (out / ADAPTER_NAME).is_file()
     run(tables, out, *args, "--resume")
     tags = [r["tag"] for r in log(out) if r["event"] == "checkpoint"]
-    assert tags == ["step3", "step3-end", "step6-end"], tags
+    assert tags == ["step3-end", "step6-end"], tags
     assert sorted(losses(out)) == list(range(1, 7))
-    assert [r["epoch"] for r in log(out) if r["event"] == "valid"] == [0, 1]
+    assert [r["epoch"] for r in log(out) if r["event"] == "epoch" and "valid" in r] == [1, 2]
     (out / CKPT_DIR / "latest").write_text("step99")  # a pointer to nothing is an error, not a fresh start
     p = run(tables, out, *args, "--resume", check=False)
     assert p.returncode == 2 and "step99" in p.stdout, p.stdout[-2000:]
+
+
+def test_resume_refuses_changed_settings_naming_each(tables, tmp_path):
+    """A resume with another learning rate, batch size or head is refused before anything is built, naming
+    every difference (checkpoint, now); settings that do not change the trajectory (epochs) may change."""
+    out = tmp_path / "run"
+    args = ("--epochs", "1", "--steps-per-epoch", "2", "--skip-eval")
+    run(tables, out, *args, "--lr", "1e-3")
+    p = run(tables, out, *args, "--lr", "2e-3", "--micro-batch-size", "4", "--resume", check=False)
+    assert p.returncode == 2, p.stdout[-2000:]
+    assert "'lr': (0.001, 0.002)" in p.stdout and "'micro_batch_size': (8, 4)" in p.stdout, p.stdout[-2000:]
+    assert "partitioning" not in p.stdout  # refused before the engine was built
+    run(tables, out, "--epochs", "2", "--steps-per-epoch", "2", "--skip-eval", "--lr", "1e-3", "--resume")
+    assert sorted(losses(out)) == [1, 2, 3, 4]
 
 
 def test_two_ranks_resume_same_losses_across_launchers(tables, tmp_path):

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from hellm_ds.cli import main as cli_main
 from hellm_ds.data.dataset import load_dataset
-from hellm_ds.train.evaluate import evaluate_checkpoint
+from hellm_ds.eval.checkpoint import evaluate_checkpoint
 from hellm_ds.train.merge import merge_lora
 
 from tests.train.common import ZERO2, run
@@ -37,7 +37,7 @@ def test_merged_export_scores_like_the_run(tables, local_llama, tmp_path, backbo
     sd = lm.state_dict()
     assert not any("lora" in k or "base_layer" in k for k in sd)
     # W' = W + (α/r)·B·A exactly where LoRA sat; untouched elsewhere
-    from hellm_ds.train import load_adapter
+    from hellm_ds.exports import load_adapter
 
     src = load_adapter(out)
     layer = src.backbone.layers[0]

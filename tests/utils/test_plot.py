@@ -122,23 +122,26 @@ def test_sasrec_run(sasrec_run):
     assert run["test"][1]["paper"]["NDCG@10"] == pytest.approx(res["test"]["paper"]["NDCG@10"])
 
 
-# ---- fine-tuning log (its schema, written through RunLog) ------------------------------------------------------
-def _finetune_segment(log: RunLog, steps, loss0, lr_of, evals, tests, resume_at=None, done=None):
+# ---- fine-tuning log (the shared schema with per-step records, written through RunLog) ------------------------
+def _finetune_segment(log: RunLog, steps, loss0, lr_of, evals, tests, resume_at=None, best=None):
+    """4 steps per epoch; ``evals``/``tests``: step → metric base of the epoch ending there; ``best``: the
+    result's best epoch (its test is the one logged at that epoch's end)."""
     if resume_at is not None:
-        log.log("resume", step=resume_at, tag=f"step{resume_at}", epoch=resume_at // 4, step_in_epoch=0)
-    log.log("start", step=resume_at or 0, world_size=1, zero_stage=2, dtype="torch.float32", micro_batch=2,
-            grad_accum=1, steps_per_epoch=4, total_steps=12, warmup_steps=2, config={"lr": 1e-3},
-            model={"model": "tiny"})
+        log.log("resume", step=resume_at, epoch=resume_at // 4, tag=f"step{resume_at}", step_in_epoch=0)
+    else:
+        log.log("start", step=0, recipe="finetune", world_size=1, zero_stage=2, steps_per_epoch=4,
+                config={"lr": 1e-3}, model={"model": "tiny"})
     for s in steps:
-        log.log("train", step=s, epoch=(s - 1) // 4, loss=loss0 - 0.1 * s, lr=lr_of(s - 1), next_lr=lr_of(s))
+        log.log("train", step=s, epoch=(s - 1) // 4 + 1, loss=loss0 - 0.1 * s, lr=lr_of(s - 1), next_lr=lr_of(s))
         if s in evals:
-            ep = (s - 1) // 4
-            log.log("valid", step=s, epoch=ep, metrics=_metrics(evals[s]))
+            ep = s // 4
+            log.log("epoch", step=s, epoch=ep, loss=loss0, seconds=0.1, valid=_metrics(evals[s]))
             if s in tests:
                 log.log("test", step=s, epoch=ep, metrics=_metrics(tests[s]))
-            log.log("checkpoint", step=s, tag=f"step{s}")
-    if done is not None:
-        log.log("done", step=steps[-1], best_epoch=done, stopped=None)
+            log.log("checkpoint", step=s, tag=f"step{s}-end")
+    if best is not None:
+        test = {s // 4: t for s, t in tests.items()}[best]
+        log.log("result", step=steps[-1], best_epoch=best, test=_metrics(test), stop_reason="max_steps")
 
 
 def lr_of(s: int) -> float:
@@ -154,7 +157,7 @@ def finetune_run(tmp_path):
     _finetune_segment(log, range(1, 12), 5.0, lr_of, {4: 0.2, 8: 0.3}, {4: 0.25, 8: 0.35})
     log.log("train", step=11, epoch=2, loss="nan", lr=lr_of(10), next_lr=lr_of(11))  # non-finite, as logged
     log = RunLog(out, tensorboard=False)
-    _finetune_segment(log, range(9, 11), 4.0, lr_of, {}, {}, resume_at=8, done=1)
+    _finetune_segment(log, range(9, 11), 4.0, lr_of, {}, {8: 0.35}, resume_at=8, best=2)
     return out
 
 
@@ -169,7 +172,7 @@ def test_finetune_run(finetune_run):
     assert loss[9] == pytest.approx(4.0 - 0.9) and loss[10] == pytest.approx(4.0 - 1.0)  # the resumed values
     assert dict(run["lr"])[3] == pytest.approx(lr_of(2))
     assert [s for s, _ in run["valid"]] == [4, 8]
-    assert run["best_epoch"] == 1
+    assert run["best_epoch"] == 2  # epochs from 1: steps 5–8
     x, m = run["test"]
     assert x == 8 and m["paper"]["Recall@10"] == pytest.approx(0.35 + 0.1)
 
@@ -187,7 +190,7 @@ def test_finetune_run(finetune_run):
 def test_finetune_nonfinite_loss_is_a_gap(tmp_path):
     log = RunLog(tmp_path, tensorboard=False)
     _finetune_segment(log, range(1, 4), 5.0, lr_of, {}, {})
-    log.log("train", step=4, epoch=0, loss=float("nan"), lr=lr_of(3), next_lr=lr_of(4))
+    log.log("train", step=4, epoch=1, loss=float("nan"), lr=lr_of(3), next_lr=lr_of(4))
     run = plot.parse_run(tmp_path)
     assert math.isnan(dict(run["loss"])[4])
     info = plot.plot_run(tmp_path)
@@ -196,15 +199,14 @@ def test_finetune_nonfinite_loss_is_a_gap(tmp_path):
 
 
 def test_finetune_fresh_restart_plots_the_last_run(tmp_path):
-    log = RunLog(tmp_path, tensorboard=False)
-    _finetune_segment(log, range(1, 9), 9.0, lr_of, {4: 0.1, 8: 0.1}, {4: 0.1}, done=0)
-    log.log("warning", message="holds checkpoints; not resuming (no --resume)")
-    _finetune_segment(log, range(1, 5), 3.0, lr_of, {4: 0.4}, {4: 0.45}, done=0)
+    """A fresh run (no --resume) starts a fresh log (RunLog(fresh=True), as every recipe opens it)."""
+    log = RunLog(tmp_path, tensorboard=False, fresh=True)
+    _finetune_segment(log, range(1, 9), 9.0, lr_of, {4: 0.1, 8: 0.1}, {4: 0.1}, best=1)
+    log = RunLog(tmp_path, tensorboard=False, fresh=True)
+    _finetune_segment(log, range(1, 5), 3.0, lr_of, {4: 0.4}, {4: 0.45}, best=1)
     run = plot.parse_run(tmp_path)
-    assert run["runs_in_log"] == 2
     assert run["loss"] == [(s, pytest.approx(3.0 - 0.1 * s)) for s in range(1, 5)]
-    assert run["test"][1]["paper"]["Recall@10"] == pytest.approx(0.45 + 0.1)
-    assert any("2 runs" in n for n in plot.plot_run(tmp_path)["notes"])
+    assert run["test"] == (4, run["test"][1]) and run["test"][1]["paper"]["Recall@10"] == pytest.approx(0.45 + 0.1)
 
 
 def test_smooth():
@@ -236,13 +238,14 @@ def test_garbled_line_names_the_line(graph_run, tmp_path):
 @pytest.mark.parametrize("line, line_no, message", [
     ('[1, 2]\n', 2, "not a JSON object"),
     ('{"time": 1.0, "step": 1}\n', 2, "no 'event'"),
-    ('{"event": "epoch", "step": 1, "seconds": 0.1}\n', 2, "no 'loss'"),
-    ('{"event": "epoch", "step": 1, "loss": "low"}\n', 2, "'loss' is not a number"),
-    ('{"event": "epoch", "step": "one", "loss": 1.0}\n', 2, "no integer 'step'"),
-    ('{"event": "epoch", "step": 1, "loss": 1.0, "valid": {"paper": 3}}\n', 2, "'valid.paper'"),
+    ('{"event": "epoch", "step": 1, "epoch": 2, "seconds": 0.1}\n', 2, "no 'loss'"),
+    ('{"event": "epoch", "step": 1, "epoch": 2, "loss": "low"}\n', 2, "'loss' is not a number"),
+    ('{"event": "epoch", "step": "one", "epoch": 2, "loss": 1.0}\n', 2, "no integer 'step'"),
+    ('{"event": "epoch", "step": 1, "loss": 1.0}\n', 2, "no integer 'epoch'"),
+    ('{"event": "epoch", "step": 1, "epoch": 2, "loss": 1.0, "valid": {"paper": 3}}\n', 2, "'valid.paper'"),
 ])
 def test_bad_records_name_the_line(tmp_path, line, line_no, message):
-    good = json.dumps({"event": "epoch", "step": 0, "loss": 1.0}) + "\n"
+    good = json.dumps({"event": "epoch", "step": 0, "epoch": 1, "loss": 1.0}) + "\n"
     (tmp_path / "log.jsonl").write_text(good + line + "\n")
     with pytest.raises(DataFormatError) as e:
         plot.parse_run(tmp_path)
@@ -253,7 +256,7 @@ def test_non_utf8_and_missing_log(tmp_path):
     with pytest.raises(DataFormatError) as e:
         plot.plot_run(tmp_path)
     assert e.value.line is None and e.value.path == str(tmp_path / "log.jsonl") and "not found" in str(e.value)
-    (tmp_path / "log.jsonl").write_bytes(b'{"event": "epoch", "step": 0, "loss": 1.0}\n\xff\xfe\n')
+    (tmp_path / "log.jsonl").write_bytes(b'{"event": "epoch", "step": 0, "epoch": 1, "loss": 1.0}\n\xff\xfe\n')
     with pytest.raises(DataFormatError) as e:
         plot.plot_run(tmp_path)
     assert e.value.line == 2
