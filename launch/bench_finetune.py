@@ -36,12 +36,16 @@ CPU (defaults drop to ``--model tiny --steps 10``; well under a minute)::
 
 Options: ``--model tiny|small|llama-7b-shape``, ``--trainable-scope lora|full``, ``--batch-size 8``,
 ``--steps N``, ``--warmup N``, ``--items 12000``, ``--device auto|cpu|cuda``, ``--dtype auto|bfloat16|float32|
-float16`` (auto: bf16 on CUDA, fp32 on CPU), ``--deepspeed-config FILE``, ``--peak-tflops X``,
+float16`` (auto: bf16 on CUDA, fp32 on CPU), ``--deepspeed-config FILE``, ``--offload-optimizer
+auto|cpu_adam|torch`` (with a config that offloads the optimiser, e.g. ``ds_configs/zero3_offload.json``: the
+optimiser ``hellm-ds finetune`` builds, ``hellm_ds.train.optim``; ``torch`` avoids DeepSpeedCPUAdam's JIT build),
+``--attn-implementation sdpa|eager|flash_attention_2`` (both methods), ``--peak-tflops X``,
 ``--methods hellm,hf_peft``, ``--seed``, ``--threads N``, ``--out FILE`` (default ``bench_finetune.json``),
 ``--quiet``.
 
 The JSON has the shape of ``bench_kernels.py``'s: a header (``benchmark``, ``date``, ``device``, ``torch``,
-``transformers``, ``peft``, ``deepspeed``, ``config``, ...), ``results`` (one record per method: ``name``,
+``transformers``, ``peft``, ``deepspeed``, ``config``, ``command``, ``environment`` with the git commit and
+load, ...), ``results`` (one record per method: ``name``,
 ``params``, ``metrics``, ``status`` ``ok|oom|error``, ``note``) and ``summary``.
 """
 from __future__ import annotations
@@ -130,6 +134,12 @@ def _version(mod: str) -> str | None:
         return None
 
 
+def command_line(script, argv):
+    from hellm_ds.utils.bench import command_line as _command_line  # imported late (see write_json)
+
+    return _command_line(script, argv)
+
+
 def write_json(path: Path, header: dict, records: list[dict], summary: dict) -> None:
     from hellm_ds.utils.bench import write_bench_json  # imported late: the script may set up sys.path first
 
@@ -164,7 +174,8 @@ def setup_hellm_plain(args, device, dtype):
     from hellm_ds.llm import HeLLMConfig
     from hellm_ds.llm.model import build_hellm
 
-    cfg = HeLLMConfig(model=args.model, trainable_scope=args.trainable_scope, dtype=_dtype_name(dtype))
+    cfg = HeLLMConfig(model=args.model, trainable_scope=args.trainable_scope, dtype=_dtype_name(dtype),
+                      attn_implementation=args.attn_implementation)
     g, s = random_item_tables(args.items, args.seed)
     # the backbone is created on the device: a 7B random init on the host takes minutes
     model = build_hellm(cfg, g, s, device=device, seed=args.seed, init_context=torch.device(device)).train()
@@ -190,9 +201,13 @@ def setup_hellm_deepspeed(args, device, dtype):
     fcfg = ft.FinetuneConfig(data="-", graph_emb="-", seq_emb="-", out="-", model=args.model,
                              deepspeed_config=args.deepspeed_config, micro_batch_size=args.batch_size,
                              grad_accum=1, trainable_scope=args.trainable_scope,
-                             dtype="auto" if args.dtype == "auto" else args.dtype, seed=args.seed)
+                             dtype="auto" if args.dtype == "auto" else args.dtype, seed=args.seed,
+                             attn_implementation=args.attn_implementation)
     _, _, ds_device = ft.init_distributed()
     ds_cfg = ft.load_ds_config(fcfg, ds_device)
+    from hellm_ds.train.optim import build_optimizer, offload_optimizer_plan
+
+    ds_cfg, opt_kind = offload_optimizer_plan(ds_cfg, args.offload_optimizer)
     stage = ft.zero_stage(ds_cfg)
     mdtype = ft.model_dtype(fcfg, ds_cfg, ds_device)
     hcfg = fcfg.hellm_config()
@@ -206,13 +221,15 @@ def setup_hellm_deepspeed(args, device, dtype):
         ft._preimport_for_zero_init()
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)
     g, s = random_item_tables(args.items, args.seed)
-    model = ft._build_model(hcfg, g, s, mdtype, args.seed)
+    from hellm_ds.llm.model import build_hellm
+
+    model = build_hellm(hcfg, g, s, seed=args.seed)  # hcfg.dtype is mdtype
     if stage != 3:
         model = model.to(ds_device)
     else:
         for name in ("graph_items", "seq_items", "instruction_ids", "response_ids"):
             setattr(model, name, getattr(model, name).to(ds_device))
-    opt = torch.optim.AdamW(ft._param_groups(model, WD), lr=LR, betas=BETAS, weight_decay=WD)
+    opt = build_optimizer(ft.param_groups(model, WD), opt_kind, LR, BETAS, WD)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
     engine.train()
 
@@ -225,7 +242,9 @@ def setup_hellm_deepspeed(args, device, dtype):
     step._keep = hf_ds_config  # HfDeepSpeedConfig is held through a weakref by transformers
     n, t = _counts(engine.module)
     note = (f"DeepSpeed engine, ZeRO-{stage}, {str(mdtype).replace('torch.', '')}, config "
-            f"{args.deepspeed_config}, torch AdamW wrapped by the engine")
+            f"{args.deepspeed_config}, "
+            + ("DeepSpeedCPUAdam (ZeRO-Offload)" if opt_kind == "cpu_adam" else "torch AdamW")
+            + " wrapped by the engine")
     return step, n, t, note, engine.module
 
 
@@ -239,7 +258,7 @@ def setup_hf_peft(args, device, dtype, hellm_model=None):
     tokenizer = build_offline_tokenizer([INSTRUCTION, RESPONSE])
     prompt_ids = torch.tensor(tokenizer(INSTRUCTION, add_special_tokens=True)["input_ids"])
     resp_ids = torch.tensor(tokenizer(RESPONSE, add_special_tokens=False)["input_ids"])
-    config = llama_config(MODEL_SIZES[args.model], len(tokenizer), "sdpa")
+    config = llama_config(MODEL_SIZES[args.model], len(tokenizer), args.attn_implementation)
     torch.manual_seed(args.seed)
     with torch.device(device):  # created on the device in its dtype, as HeLLM's backbone
         lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -360,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     ap.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", default=None,
                     help="run HeLLM through a DeepSpeed engine with this JSON (e.g. ds_configs/zero3.json)")
+    ap.add_argument("--attn-implementation", default="sdpa",
+                    help="transformers attention kernel of both methods: sdpa | eager | flash_attention_2 "
+                         "(needs flash-attn and a GPU)")
+    ap.add_argument("--offload-optimizer", choices=("auto", "cpu_adam", "torch"), default="auto",
+                    help="with a config that offloads the optimiser (ds_configs/zero3_offload.json): "
+                         "DeepSpeedCPUAdam (auto, cpu_adam: its op is JIT-built on first use, minutes) or "
+                         "torch's AdamW on the CPU (torch), as hellm-ds finetune --offload-optimizer")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help=f"peak FLOP/s for MFU (default {H100_BF16_TFLOPS} on CUDA = H100 bf16 dense; "
                          f"{CPU_ROUGH_TFLOPS} on CPU, a rough guess)")
@@ -418,7 +444,8 @@ def main(argv: list[str] | None = None) -> dict:
     batches = make_batches(args.warmup + args.steps, args.batch_size, args.items, args.seed)
     Ti, Tr = prompt_token_counts(args.model)
     header = {
-        "benchmark": "finetune", "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "benchmark": "finetune", "command": command_line(__file__, argv),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "transformers": _version("transformers"), "peft": _version("peft"),
         "deepspeed": _version("deepspeed") if args.deepspeed_config else None,

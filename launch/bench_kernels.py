@@ -729,6 +729,12 @@ def triton_version() -> str | None:
         return None
 
 
+def command_line(script, argv):
+    from hellm_ds.utils.bench import command_line as _command_line  # imported late (see write_json)
+
+    return _command_line(script, argv)
+
+
 def write_json(path: Path, header: dict, records: list[dict], summary: list[dict]) -> None:
     from hellm_ds.utils.bench import write_bench_json  # imported late: the script may set up sys.path first
 
@@ -821,7 +827,8 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*(beta|invariant).*")
         copy_gbps = copy_bandwidth(device, COPY_BYTES[device.type], repeats)
         header = {
-            "benchmark": "kernels", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "benchmark": "kernels", "command": command_line(__file__, argv),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "triton": triton_version(), "cuda": torch.version.cuda if on_gpu else None,
             "python": platform.python_version(), "host_cpus": os.cpu_count(),

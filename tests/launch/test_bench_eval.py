@@ -126,7 +126,8 @@ def export(tables, tmp_path_factory):
 
 
 def test_model_mode_tiny_cpu(bench, export, tmp_path, capsys):
-    from hellm_ds.train.evaluate import evaluate_checkpoint, run_max_len
+    from hellm_ds.eval.checkpoint import evaluate_checkpoint
+    from hellm_ds.exports import run_max_len
 
     ckpt, data = export
     out = tmp_path / "eval.json"
@@ -204,3 +205,37 @@ def test_model_mode_guard_and_usage_errors(bench, export, tmp_path, monkeypatch)
         bench.main(["--checkpoint", str(ckpt), "--data", str(data), "--max-len", "12", "--out", str(out), "--quiet"])
     with pytest.raises(SystemExit, match="holds no export"):
         bench.main(["--checkpoint", str(tmp_path), "--data", str(data), "--out", str(out), "--quiet"])
+
+
+def test_ties_rule_bf16_vectors_and_provenance(bench, data, tmp_path):
+    """--ties is the evaluator's rule (recorded), --dtype bf16 rounds the vectors (both paths score in fp32, so
+    the guard still holds; tied targets, if any, are checked against the tie interval); the file carries its
+    command and environment."""
+    out = tmp_path / "eval_bf16.json"
+    argv = ["--data", str(data), "--device", "cpu", "--dim", "8", "--batch-size", "64", "--baseline-users", "40",
+            "--ties", "optimistic", "--dtype", "bf16", "--out", str(out)]
+    bench.main(argv)
+    saved = json.loads(out.read_text())
+    s = saved["summary"]
+    assert s["correct"] is True and s["ties"] == "optimistic" and saved["config"]["ties"] == "optimistic"
+    assert {r["params"]["dtype"] for r in saved["results"]} == {"bf16"}
+    assert {r["params"]["ties"] for r in saved["results"]} == {"optimistic"}
+    assert set(s["mean_ties"]) == {"valid", "test"} and s["mean_ties"]["test"]["paper"] >= 0
+    assert s["guard"]["tied_targets"] >= 0 and s["guard"]["topk_position_mismatches"] == 0
+    assert "rounded to bf16" in saved["data"]["vectors"]
+    assert saved["command"].startswith("python launch/bench_eval.py --data ") and saved["command"].endswith(
+        f"--out {out}")
+    env = saved["environment"]
+    assert env["date"] and env["hardware"]["cpu"] and env["versions"]["torch"] and "load" in env["hardware"]
+    assert "git_commit" in env
+
+
+def test_guard_accepts_a_baseline_position_inside_the_tie_interval(bench):
+    ranks = {s: {p: [3, 30] for p in ("paper", "filtered")} for s in ("valid", "test")}
+    ties = {s: {p: [2, 0] for p in ("paper", "filtered")} for s in ("valid", "test")}
+    inside = {s: {p: [5, bench.TOPK] for p in ("paper", "filtered")} for s in ("valid", "test")}
+    assert bench._count_mismatches(ranks, ties, inside) == (0, 4)  # 3 ≤ 5 ≤ 3 + 2; 30 clips to TOPK
+    outside = {s: {p: [6, bench.TOPK] for p in ("paper", "filtered")} for s in ("valid", "test")}
+    assert bench._count_mismatches(ranks, ties, outside) == (4, 4)
+    no_ties = {s: {p: [0, 0] for p in ("paper", "filtered")} for s in ("valid", "test")}
+    assert bench._count_mismatches(ranks, no_ties, inside) == (4, 0)  # without ties: the exact position

@@ -83,3 +83,24 @@ def test_main_cpu_tiny(bench, tmp_path, monkeypatch):
     assert ratio > 0 and math.isclose(
         ratio, data["results"][0]["metrics"]["samples_per_s"] / data["results"][1]["metrics"]["samples_per_s"])
     assert res["summary"] == data["summary"]
+
+
+def test_zero3_offload_step_on_cpu(bench, tmp_path, monkeypatch):
+    """The gpu_check's zero3_offload step, here on DeepSpeed's CPU accelerator: ds_configs/zero3_offload.json
+    with --offload-optimizer torch (DeepSpeedCPUAdam would need its JIT build), eager attention; the HeLLM row
+    runs through the engine (no fall-back to the plain loop) and the file carries its provenance."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    out = tmp_path / "offload.json"
+    argv = ["--device", "cpu", "--model", "tiny", "--deepspeed-config", "ds_configs/zero3_offload.json",
+            "--offload-optimizer", "torch", "--attn-implementation", "eager", "--methods", "hellm", "--steps", "2",
+            "--warmup", "1", "--items", "300", "--out", str(out), "--quiet"]
+    monkeypatch.chdir(bench.__file__.rsplit("/launch/", 1)[0])
+    bench.main(argv)
+    data = json.loads(out.read_text())
+    (rec,) = data["results"]
+    assert rec["status"] == "ok", rec["note"]
+    assert "ZeRO-3" in rec["note"] and "zero3_offload.json" in rec["note"] and "fell back" not in rec["note"]
+    assert data["config"]["offload_optimizer"] == "torch" and data["config"]["attn_implementation"] == "eager"
+    assert data["command"].startswith("python launch/bench_finetune.py --device cpu")
+    assert data["environment"]["versions"]["deepspeed"]
