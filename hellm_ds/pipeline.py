@@ -52,7 +52,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -62,7 +61,6 @@ from hellm_ds.errors import UsageError
 from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.checkpoint import file_sha256
 from hellm_ds.utils.io import write_json_atomic
-from hellm_ds.utils.net import free_port
 
 STAGES = ("popularity", "graphs", "graph", "sasrec", "finetune", "evaluate")
 UPSTREAM = {"graph": ("graphs",), "finetune": ("graph", "sasrec"), "evaluate": ("finetune",)}
@@ -298,7 +296,9 @@ def _finetune(run: PipelineRun, d: Path) -> dict:
             argv += ["--" + k.replace("_", "-"), str(v)]
     argv += [flag for flag, on in (("--resume", resume), ("--no-progress", not cfg.progress),
                                    ("--verbose", cfg.verbose)) if on]
-    launch_finetune(argv, run.ranks, d / "launcher.log", verbose=cfg.verbose)
+    from hellm_ds.train.launch import launch_finetune
+
+    launch_finetune(argv, run.ranks, d / "launcher.log", verbose=cfg.verbose, say=say)
     res = json.loads((d / RESULTS_NAME).read_text())
     return {k: v for k, v in res.items() if k != "losses"}
 
@@ -430,42 +430,6 @@ def recommend_examples(checkpoint_dir: str | Path, dataset, n_users: int = 3, k:
         return []
     return recommend(checkpoint_dir, dataset, users, k=k, exclude_history=True, progress=False,
                      model=model)["users"]
-
-
-def launch_finetune(argv: list[str], ranks: int, log_path: Path, verbose: bool = False) -> None:
-    """``deepspeed --num_gpus ranks --module hellm_ds.train ARGV`` (CPU: DS_ACCELERATOR=cpu, gloo), or one
-    plain process for a single rank. The children's output all goes to ``log_path``; to stderr too, except
-    DeepSpeed's launcher chatter unless ``verbose`` (``launcher_line_shown``)."""
-    import torch
-
-    from hellm_ds.utils.verbosity import launcher_line_shown
-
-    env = dict(os.environ)
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        env["DS_ACCELERATOR"] = "cpu"
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)  # a fresh world, whatever launched us
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "hellm_ds.train", *argv]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), "--module", "hellm_ds.train", *argv]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    say("launch: " + " ".join(cmd[1:4] + ["…"]) + f" ({ranks} rank{'s' if ranks > 1 else ''}, "
-         f"{'GPU' if cuda else 'CPU'}; log {log_path})")
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-        assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):  # tee: epoch lines and errors stay visible, all is kept
-            log.write(line)
-            text = line.decode(errors="replace")
-            if launcher_line_shown(text, verbose):
-                sys.stderr.write(text)
-        rc = proc.wait()
-    if rc != 0:
-        raise UsageError(f"fine-tuning exited with status {rc}; see {log_path}")
 
 
 def comparison_table(results: dict) -> list[dict]:

@@ -518,7 +518,7 @@ def make_plan(*, inputs: dict, budget_min: float, dataset, graphs, graph_cfg, se
             chosen = torch.get_num_threads()
             s_cost, timings["sasrec"] = time_sasrec(dataset, seq_cfg, resolve_device(seq_cfg.device))
             ft_device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-            if not cuda:  # one rank's threads, as launch_finetune gives them
+            if not cuda:  # one rank's threads, as hellm_ds.train.launch gives them
                 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS")
                                           or max(1, (os.cpu_count() or 1) // ranks)))
             f_cost, evaluate_s, timings["finetune"] = time_finetune(

@@ -203,7 +203,9 @@ def setup_hellm_deepspeed(args, device, dtype):
                              grad_accum=1, trainable_scope=args.trainable_scope,
                              dtype="auto" if args.dtype == "auto" else args.dtype, seed=args.seed,
                              attn_implementation=args.attn_implementation)
-    _, _, ds_device = ft.init_distributed()
+    from hellm_ds.train.distributed import init_distributed
+
+    _, _, ds_device = init_distributed()
     ds_cfg = ft.load_ds_config(fcfg, ds_device)
     from hellm_ds.train.optim import build_optimizer, offload_optimizer_plan
 
@@ -218,7 +220,9 @@ def setup_hellm_deepspeed(args, device, dtype):
     if stage == 3:
         from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-        ft._preimport_for_zero_init()
+        from hellm_ds.train.distributed import preimport_for_zero_init
+
+        preimport_for_zero_init()
         hf_ds_config = HfDeepSpeedConfig(ds_cfg)
     g, s = random_item_tables(args.items, args.seed)
     from hellm_ds.llm.model import build_hellm

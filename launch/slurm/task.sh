@@ -7,7 +7,7 @@
 #                                                 GPUS_PER_NODE workers (ARGS = script and its arguments)
 #
 # MASTER_ADDR, MASTER_PORT (and GPUS_PER_NODE, NNODES for --torchrun) come from the batch script through
-# srun's environment. hellm_ds.train.finetune.init_distributed reads RANK, WORLD_SIZE, LOCAL_RANK,
+# srun's environment. hellm_ds.train.distributed.init_distributed reads RANK, WORLD_SIZE, LOCAL_RANK,
 # MASTER_ADDR and MASTER_PORT (env:// rendezvous) and binds cuda:LOCAL_RANK, so every task must see all of
 # its node's GPUs (no per-task GPU binding).
 set -euo pipefail
