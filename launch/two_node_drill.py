@@ -495,23 +495,13 @@ def compare(ref: Path, drill: Path) -> dict:
 
 def make_inputs(d: Path) -> tuple[Path, Path, Path]:
     """A small synthetic dataset and random stage-1 tables (as tests/conftest.py's ``tables`` fixture)."""
-    import torch
-
     from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.data.synth import SynthConfig, write_synthetic
-    from hellm_ds.utils.checkpoint import export_tensors
+    from hellm_ds.data.synth import SynthConfig, write_random_item_tables, write_synthetic
 
     data = d / "data"
     if not (data / "sequences.txt").is_file():
         write_synthetic(data, SynthConfig(users=600, items=150, seed=7))
-    ds = load_dataset(data)
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for name, dim in (("graph_embeddings", 8), ("sequential_item_embeddings", 6)):
-        t = torch.randn(ds.n_items + 1, dim, generator=g)
-        t[0] = 0
-        paths.append(export_tensors(d / f"{name}.safetensors", {"item": t}, {}, ds.fingerprint))
-    return data, Path(paths[0]), Path(paths[1])
+    return (data, *write_random_item_tables(load_dataset(data), d))
 
 
 # ---- the drill --------------------------------------------------------------------------------------------

@@ -77,17 +77,10 @@ def tables(synth_dir, tmp_path_factory):
     """(data dir, graph table, SASRec table): random stage-1 item tables for the synthetic dataset (graph d=8,
     SASRec d=6), exported as stage 1 does — the inputs of every stage-2 run."""
     from hellm_ds.data.dataset import load_dataset
-    from hellm_ds.utils.checkpoint import export_tensors
+    from hellm_ds.data.synth import write_random_item_tables
 
-    ds = load_dataset(synth_dir)
-    d = tmp_path_factory.mktemp("stage1")
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for name, dim in (("graph_embeddings", 8), ("sequential_item_embeddings", 6)):
-        t = torch.randn(ds.n_items + 1, dim, generator=g)
-        t[0] = 0
-        paths.append(export_tensors(d / f"{name}.safetensors", {"item": t}, {}, ds.fingerprint))
-    return synth_dir, paths[0], paths[1]
+    graph, seq = write_random_item_tables(load_dataset(synth_dir), tmp_path_factory.mktemp("stage1"))
+    return synth_dir, graph, seq
 
 
 @pytest.fixture(scope="module")

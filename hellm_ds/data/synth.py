@@ -163,3 +163,22 @@ def write_synthetic(out: str | Path, cfg: SynthConfig, overwrite: bool = False) 
             "item successors.\n"
         )
     return out
+
+
+def write_random_item_tables(dataset, out_dir: str | Path, graph_dim: int = 8, seq_dim: int = 6,
+                             seed: int = 0) -> tuple[Path, Path]:
+    """Random stage-1 item tables for ``dataset`` (row 0 = padding = zeros), exported as stage 1 exports
+    them (``graph_embeddings`` / ``sequential_item_embeddings`` ``.safetensors``): the inputs of a stage-2
+    run that does not need trained ones (tests, drills, timing)."""
+    import torch
+
+    from hellm_ds.utils.checkpoint import export_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for name, dim in (("graph_embeddings", graph_dim), ("sequential_item_embeddings", seq_dim)):
+        t = torch.randn(dataset.n_items + 1, dim, generator=g)
+        t[0] = 0
+        paths.append(Path(export_tensors(Path(out_dir) / f"{name}.safetensors", {"item": t}, {},
+                                         dataset.fingerprint)))
+    return paths[0], paths[1]
