@@ -8,7 +8,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from hellm_ds.utils.net import free_port
 
 
 CPU_SHM_COMM_OP = "deepspeed_shm_comm"
@@ -35,7 +34,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            # a world of one: the OS picks the store's port when it binds it (a port chosen beforehand can be
+            # taken by another process in between: EADDRINUSE)
+            os.environ.setdefault("MASTER_PORT", "0")
         local_size = os.environ.get("LOCAL_WORLD_SIZE") or ("1" if os.environ["WORLD_SIZE"] == "1" else None)
         if not torch.cuda.is_available() and local_size and "LOCAL_SIZE" not in os.environ:
             # DeepSpeed's CPU accelerator counts this node's ranks from LOCAL_SIZE, which only its own
