@@ -49,13 +49,20 @@ def _count(
     in_chunk = (targets >= lo) & (targets < lo + scores.shape[1])
     higher[rows[in_chunk], targets[in_chunk] - lo] = False  # the target is neither above nor beside itself
     tied[rows[in_chunk], targets[in_chunk] - lo] = False
-    out = {"paper": (_row_count(higher), _row_count(tied))}
+    h, t = _row_count(higher), _row_count(tied)
+    out = {"paper": (h, t)}
     if history is not None:
-        hist_in = (history >= lo) & (history < lo + scores.shape[1]) & (history > 0)
+        # filtered = paper minus the history's distinct items in this chunk (read from the same masks, so a
+        # history item counts exactly as the catalogue pass counted it; the target is False in both already):
+        # a gather of B × L entries instead of a second pass over the B × C masks
+        C = scores.shape[1]
+        hist_in = (history >= lo) & (history < lo + C) & (history > 0)
         r, c = hist_in.nonzero(as_tuple=True)
-        higher[r, history[r, c] - lo] = False
-        tied[r, history[r, c] - lo] = False
-        out["filtered"] = (_row_count(higher), _row_count(tied))
+        key = torch.unique(r * C + (history[r, c] - lo))  # a user's repeated item counts once
+        r, i = key // C, key % C
+        B = scores.shape[0]
+        out["filtered"] = (h - torch.bincount(r[higher[r, i]], minlength=B),
+                           t - torch.bincount(r[tied[r, i]], minlength=B))
     return out
 
 
