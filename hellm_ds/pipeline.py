@@ -228,6 +228,7 @@ class PipelineRun:
     ds_json: dict
     graphs: object  # () -> Graphs, built (or loaded) once in this process
     ranks: int
+    keys: dict = field(default_factory=dict)  # stage → the key of the inputs it ran (or was skipped) with
 
     @property
     def exports(self) -> tuple[Path, Path]:
@@ -316,8 +317,7 @@ def _evaluate(run: PipelineRun, d: Path) -> dict:
 
 
 def _evaluate_inputs(run: PipelineRun) -> dict:
-    finetune = Stage(run.root, "finetune", {"dataset": run.dataset.fingerprint, **_finetune_inputs(run)})
-    return {"finetune": finetune.key, "ties": run.cfg.ties}
+    return {"finetune": run.keys["finetune"], "ties": run.cfg.ties}
 
 
 # name, the inputs that key its skip (besides the dataset's fingerprint), the command
@@ -336,6 +336,7 @@ assert tuple(name for name, _, _ in STAGE_TABLE) == STAGES
 def _run_stage(run: PipelineRun, name: str, inputs: dict, command) -> tuple[dict, float | None]:
     """The stage's result and seconds: skipped when its stamp records these inputs, else run and stamped."""
     st = Stage(run.root, name, {"dataset": run.dataset.fingerprint, **inputs})
+    run.keys[name] = st.key
     prev = st.done()
     if prev is not None:
         say(f"{name}: done for these inputs, skipped ({st.dir / STAMP})")

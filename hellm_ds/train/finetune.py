@@ -107,7 +107,7 @@ from hellm_ds.train.optim import OFFLOAD_OPTIMIZER_CHOICES, build_optimizer, off
 from hellm_ds.utils.ds_configs import read_ds_config
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.io import write_json_atomic
-from hellm_ds.utils.loop import LoopConfig, LoopState, resume_check, run_loop
+from hellm_ds.utils.loop import LoopConfig, LoopState, resume_check, run_loop, start_log
 from hellm_ds.utils.progress import progress_bar
 from hellm_ds.utils.runlog import RunLog
 
@@ -387,6 +387,9 @@ class FinetuneTrainer:
                              f"{self.micro}×{self.gas} samples")
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        # the learning rate of each optimiser step (0-based): a plain function, no reference to the trainer
+        self.lr_at = functools.partial(lr_at, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup,
+                                       total_steps=self.total_steps)
 
     def _setup_engine(self) -> None:
         """HeLLM — its backbone partitioned from construction on under ZeRO-3 — in a DeepSpeed engine."""
@@ -414,15 +417,11 @@ class FinetuneTrainer:
         _, kind = offload_optimizer_plan(self.ds_cfg, cfg.offload_optimizer, warn=False)
         self.optimizer = build_optimizer(param_groups(model, cfg.weight_decay), kind, cfg.lr,
                                          (cfg.beta1, cfg.beta2), cfg.weight_decay)
-        schedule = functools.partial(lr_at, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=self.warmup,
-                                     total_steps=self.total_steps)  # no reference back to the trainer
+        schedule = self.lr_at  # the engine must not hold the trainer (it is released before the process group)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=self.optimizer, config=self.ds_cfg,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) / cfg.lr))
         self.model = self.engine.module
-
-    def _lr_at(self, step: int) -> float:
-        return lr_at(step, self.cfg.lr, self.cfg.min_lr, self.warmup, self.total_steps)
 
     # -- the run --
     def run(self) -> dict:
@@ -434,8 +433,8 @@ class FinetuneTrainer:
             if finished is not None:
                 return finished
         else:
-            self.log.log("start", step=0, recipe=self.name, dataset=self.dataset.fingerprint,
-                         config=cfg.to_dict(), model=self.hcfg.to_dict(), **self._facts())
+            start_log(self.log, self.name, False, self.state, dataset=self.dataset.fingerprint,
+                      config=cfg.to_dict(), model=self.hcfg.to_dict(), **self._facts())
         proto, metric = cfg.select_metric.split("/", 1)
         lc = LoopConfig(epochs=cfg.epochs, eval_every=1, patience=cfg.patience, select_protocol=proto,
                         select_metric=metric, evaluate=not cfg.skip_eval)
@@ -477,7 +476,7 @@ class FinetuneTrainer:
             loss = self._optimizer_step(idx, epoch, s, state.step + 1)
             state.step += 1
             self.losses.append(loss)
-            self.log.log("train", step=state.step, epoch=epoch, loss=loss, lr=self._lr_at(state.step - 1),
+            self.log.log("train", step=state.step, epoch=epoch, loss=loss, lr=self.lr_at(state.step - 1),
                          next_lr=self.scheduler.get_last_lr()[0] if hasattr(self.scheduler, "get_last_lr") else None)
             if self.show:
                 bar.set_postfix(loss=f"{loss:.4f}")

@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -99,34 +95,6 @@ def run_commit(runs: Path) -> str | None:
     return f.read_text().strip() if f.is_file() else None
 
 
-def environment() -> dict:
-    import importlib.metadata as md
-
-    def version(dist: str) -> str | None:
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            return None
-
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "git_commit": commit.stdout.strip() + ("+dirty" if dirty else ""),
-        "hardware": {"cpu": cpu, "cores": os.cpu_count(), "load": round(os.getloadavg()[0], 1),
-                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "versions": {d: version(d) for d in ("hellm_ds", "torch", "transformers", "deepspeed", "peft", "numpy")},
-        "python": sys.version.split()[0],
-    }
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", required=True, help="results/<dataset>/")
@@ -141,6 +109,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from hellm_ds.data.dataset import load_dataset
+    from hellm_ds.utils.bench import environment  # the benchmarks' header: one definition
 
     runs = sorted(Path(args.runs).glob("seed*"), key=lambda d: int(d.name[4:]))
     if not runs:
