@@ -154,13 +154,6 @@ def verify_adapter_files(checkpoint_dir: str | Path, meta: dict) -> bool:
     return True
 
 
-def _fingerprint_at(dataset, max_len: int) -> str:
-    """``dataset``'s fingerprint had it been loaded with ``max_len`` (the files are the same)."""
-    if max_len == dataset.max_len:
-        return dataset.fingerprint
-    return dataclasses.replace(dataset, max_len=max_len).fingerprint
-
-
 def read_item_table(path: str | Path, dataset_or_fingerprint, n_items: int | None = None,
                     payload_sha256: str | None = None) -> torch.Tensor:
     """The ``item`` table [n_items + 1, d] (float32) of a stage-1 export, checked: readable, tensor bytes
@@ -190,8 +183,8 @@ def read_item_table(path: str | Path, dataset_or_fingerprint, n_items: int | Non
         cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
         lens = {v for v in (meta.get("max_len"), cfg.get("max_len")) if isinstance(v, int) and v >= 1}
         lens = lens or {ds.max_len, STAGE1_DEFAULT_MAX_LEN}
-        if not any(_fingerprint_at(ds, n) == got for n in sorted(lens)):
-            want = _fingerprint_at(ds, min(lens, key=lambda n: (n != ds.max_len, n)))
+        if not any(ds.fingerprint_at(n) == got for n in sorted(lens)):
+            want = ds.fingerprint_at(min(lens, key=lambda n: (n != ds.max_len, n)))
             raise UsageError(f"stage-1 export {path} was made from another dataset: it records fingerprint "
                              f"{got}, the fine-tuning data {ds.root} has {want} (max_len "
                              f"{'/'.join(map(str, sorted(lens)))}); re-run stage 1 (pretrain-graph / "

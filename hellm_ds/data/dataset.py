@@ -171,16 +171,24 @@ class Dataset:
         return np.bincount(self.items[self._train_positions[1]], minlength=self.n_items + 1)
 
     # ---- identity ----------------------------------------------------------------------------------
-    @cached_property
+    @property
     def fingerprint(self) -> str:
         """sha256 over the files' bytes and ``max_len``: the key for caches and exported artefacts."""
-        h = hashlib.sha256(f"max_len={self.max_len}\n".encode())
-        for rel in _dataset_files(self.root):
-            h.update(rel.encode() + b"\0")
-            with (self.root / rel).open("rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        return self.fingerprint_at(self.max_len)
+
+    def fingerprint_at(self, max_len: int) -> str:
+        """The fingerprint this dataset's files have at ``max_len`` (stage-1 exports made with another
+        ``max_len`` are checked with it); computed once per ``max_len``."""
+        cache = self.__dict__.setdefault("_fingerprints", {})  # frozen dataclass: a per-instance memo
+        if max_len not in cache:
+            h = hashlib.sha256(f"max_len={max_len}\n".encode())
+            for rel in _dataset_files(self.root):
+                h.update(rel.encode() + b"\0")
+                with (self.root / rel).open("rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+            cache[max_len] = h.hexdigest()
+        return cache[max_len]
 
     def require_eval_users(self) -> None:
         """A UsageError (exit 2) when no user has the 3 items a leave-one-out evaluation needs."""
