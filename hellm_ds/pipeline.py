@@ -109,6 +109,11 @@ class PipelineConfig:
                                         "checkpoint directory")
     item_head: str = _opt("auto", "linear or tied; auto: tied for a config-built backbone, linear for a "
                                   "checkpoint directory")
+    objective: str = _opt("auto", "fine-tuning objective: all (every history position predicts its next item) "
+                                  "or last (METHOD: one prefix per sample); auto: all for a config-built "
+                                  "backbone, last for a checkpoint directory")
+    prompt: str = _opt("auto", "items (BOS + soft item tokens) or method (METHOD's instruction); auto: items "
+                               "for a config-built backbone, method for a checkpoint directory")
     # the run plan (hellm_ds.plan): None = 60 minutes without GPUs when no stage setting above is given
     budget_minutes: float | None = _opt(None, "fit the whole run in about M minutes: a few steps of each "
                                               "stage are timed and the unset stage settings chosen to fit "
@@ -228,6 +233,8 @@ class PipelineRun:
     ds_json: dict
     graphs: object  # () -> Graphs, built (or loaded) once in this process
     ranks: int
+    objective: str = "last"
+    prompt: str = "method"
     keys: dict = field(default_factory=dict)  # stage → the key of the inputs it ran (or was skipped) with
 
     @property
@@ -274,7 +281,8 @@ def _finetune_args(run: PipelineRun) -> dict:
     cfg = run.cfg
     return {"model": run.model, "epochs": cfg.ft_epochs, "lr": cfg.ft_lr, "micro_batch_size": cfg.ft_micro_batch,
             "steps_per_epoch": cfg.ft_steps_per_epoch, "max_len": cfg.max_len, "patience": cfg.ft_patience,
-            "trainable_scope": run.scope, "item_head": run.head, "seed": cfg.seed, "ties": cfg.ties}
+            "trainable_scope": run.scope, "item_head": run.head, "objective": run.objective,
+            "prompt": run.prompt, "seed": cfg.seed, "ties": cfg.ties}
 
 
 def _finetune_inputs(run: PipelineRun) -> dict:
@@ -353,11 +361,12 @@ def _prepare(cfg: PipelineConfig) -> PipelineRun:
     from hellm_ds.data.dataset import load_dataset
     from hellm_ds.graph.build import GraphConfig, load_or_build
     from hellm_ds.llm.backbone import check_model
-    from hellm_ds.llm.config import resolve_scope_and_head
+    from hellm_ds.llm.config import resolve_objective, resolve_scope_and_head
 
     model = check_model(cfg.model)
-    # scope and head: the trainer's own rule (it warns, in its output)
+    # scope, head, objective and prompt: the trainer's own rules (it warns, in its output)
     scope, head = resolve_scope_and_head(model, cfg.trainable_scope, cfg.item_head, warn=False)
+    objective, prompt, _ = resolve_objective(model, cfg.objective, cfg.prompt)
     ds_config, ds_json = read_ds_config(cfg.deepspeed_config, "--deepspeed-config")
     dataset = load_dataset(cfg.data, max_len=cfg.max_len)  # first: a bad --data leaves no empty --out behind
     root = Path(cfg.out)
@@ -368,7 +377,7 @@ def _prepare(cfg: PipelineConfig) -> PipelineRun:
             shutil.rmtree(root / s)
     graphs = functools.cache(lambda: load_or_build(dataset, GraphConfig(knn_k=cfg.knn_k), root / "graphs"))
     return PipelineRun(cfg, dataset, root, model, scope, head, ds_config, ds_json, graphs,
-                       cfg.ranks or default_ranks())
+                       cfg.ranks or default_ranks(), objective, prompt)
 
 
 def _apply_plan(run: PipelineRun, seconds: dict) -> dict | None:
@@ -411,6 +420,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     if report is not None:
         print(format_report(report), file=sys.stderr, flush=True)
     return {"out": str(run.root), "ranks": run.ranks, "trainable_scope": run.scope, "item_head": run.head,
+            "objective": run.objective, "prompt": run.prompt,
             "seconds": round(time.time() - t_all, 1), "ties": run.cfg.ties, "table": table, "plan": report,
             "stages": {k: {n: v for n, v in results[k].items() if n != "examples"}
                        for k in STAGES if k in results},
@@ -465,7 +475,7 @@ def format_table(rows: list[dict], ties: str = "expected") -> str:
 
 def add_cli(sub) -> None:
     from hellm_ds.eval.metrics import TIE_RULES
-    from hellm_ds.llm.config import ITEM_HEADS, TRAINABLE_SCOPES
+    from hellm_ds.llm.config import ITEM_HEADS, OBJECTIVES, PROMPTS, TRAINABLE_SCOPES
     from hellm_ds.pretrain.presets import GRAPH_PRESETS
     from hellm_ds.utils.cli_args import csv_choices
 
@@ -477,7 +487,8 @@ def add_cli(sub) -> None:
              "seq_time_budget": float, "graph_preset": str, "graph_epochs": int, "seq_epochs": int,
              "ft_epochs": int, "budget_minutes": float}
     choices = {"graph_preset": sorted(GRAPH_PRESETS), "trainable_scope": ("auto", *TRAINABLE_SCOPES),
-               "item_head": ("auto", *ITEM_HEADS), "ties": TIE_RULES}
+               "item_head": ("auto", *ITEM_HEADS), "objective": ("auto", *OBJECTIVES),
+               "prompt": ("auto", *PROMPTS), "ties": TIE_RULES}
     for f in fields(PipelineConfig):
         if f.name in ("data", "out", "redo", "progress", "verbose"):
             continue

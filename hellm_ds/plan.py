@@ -391,10 +391,8 @@ def time_finetune(dataset, fcfg, ranks: int, device: torch.device, graph_dim: in
     """HeLLM as ``hellm_ds.train.finetune`` builds it (``fcfg``: its FinetuneConfig), without DeepSpeed, with
     one rank's threads: micro-steps, an evaluation batch. Returns (fine-tuning cost, the evaluation stage's
     seconds, details)."""
-    import torch.nn.functional as F
-
-    from hellm_ds.data.batching import NextItemExamples
-    from hellm_ds.llm.model import build_hellm
+    from hellm_ds.data.batching import training_examples
+    from hellm_ds.llm.model import build_hellm, next_item_loss
     from hellm_ds.train.finetune import load_ds_config, param_groups, resolve_model
 
     kind = "cuda" if device.type == "cuda" else ("cpu" if ranks > 1 else "cpu1")
@@ -408,7 +406,7 @@ def time_finetune(dataset, fcfg, ranks: int, device: torch.device, graph_dim: in
     build_s = time.perf_counter() - t0
     opt = torch.optim.AdamW(param_groups(model, fcfg.weight_decay), lr=fcfg.lr,
                             betas=(fcfg.beta1, fcfg.beta2))
-    train = NextItemExamples(dataset, "train", fcfg.max_len)
+    train = training_examples(dataset, fcfg.objective, fcfg.max_len)
     rng = np.random.default_rng(fcfg.seed)
     clip = ds.get("gradient_clipping")
     model.train()
@@ -416,7 +414,7 @@ def time_finetune(dataset, fcfg, ranks: int, device: torch.device, graph_dim: in
     def micro_step():
         idx = rng.choice(len(train), min(micro, len(train)), replace=False)
         batch = {k: v.to(device) for k, v in train.collate(idx).items()}
-        loss = F.cross_entropy(model(batch), batch["targets"])
+        loss = next_item_loss(model(batch), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
@@ -454,7 +452,7 @@ def plan_inputs(cfg, dataset, budget_min: float, cuda: bool, ranks: int, model: 
     """What a plan depends on: a recorded plan is reused exactly when these are equal."""
     keep = ("max_len", "knn_k", "graph_preset", "graph_epochs", "graph_eval_every", "graph_batch_size",
             "graph_time_budget", "seq_epochs", "seq_eval_every", "seq_time_budget", "ft_epochs",
-            "ft_micro_batch", "ft_steps_per_epoch")
+            "ft_micro_batch", "ft_steps_per_epoch", "objective", "prompt")
     return {"format": PLAN_FORMAT, "dataset": dataset.fingerprint, "budget_minutes": budget_min,
             "device": "cuda" if cuda else "cpu", "ranks": ranks, "model": model, "trainable_scope": scope,
             "item_head": head, "deepspeed_config": ds_json, **{k: getattr(cfg, k) for k in keep}}
@@ -617,7 +615,7 @@ def apply_plan(cfg, *, dataset, root: Path, cuda: bool, ranks: int, model: str, 
         fcfg = FinetuneConfig(data=cfg.data, graph_emb="", seq_emb="", out="", model=model,
                               deepspeed_config=cfg.deepspeed_config, epochs=base.ft_epochs,
                               micro_batch_size=cfg.ft_micro_batch, max_len=cfg.max_len, trainable_scope=scope,
-                              item_head=head, seed=cfg.seed)
+                              item_head=head, objective=cfg.objective, prompt=cfg.prompt, seed=cfg.seed)
         plan = make_plan(inputs=inputs, budget_min=budget, dataset=dataset, graphs=graphs(),
                          graph_cfg=graph_train_config(base), seq_cfg=sasrec_train_config(base), fcfg=fcfg,
                          ranks=ranks, spent=spent, explicit=explicit)

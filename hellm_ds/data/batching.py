@@ -1,4 +1,5 @@
-"""Next-item examples, a left-padding collator and a distributed-aware sampler.
+"""Next-item examples (one prefix each, or one user's whole sequence for the per-position objective), a
+left-padding collator and a distributed-aware sampler.
 
 ``NextItemExamples`` is a map-style dataset whose items are just sample indices; the collator builds a whole
 batch at once with vectorised numpy (no per-sample Python), so a DataLoader over millions of prefixes stays
@@ -77,6 +78,59 @@ class NextItemExamples(torch.utils.data.Dataset):
             "users": torch.from_numpy(self.users[idx].astype(np.int64)),
             "lengths": torch.from_numpy(np.minimum(self.ends[idx] - self.starts[idx], self.max_len)),
         }
+
+
+class SequenceExamples(torch.utils.data.Dataset):
+    """Training sequences for the per-position objective: one sample per user with ≥ 2 training items, the
+    training part t = ``items[start:train_end]`` (its last ``max_len + 1`` items) split into inputs t[:-1] and
+    next items t[1:], as SASRec trains. One forward then predicts every training target of the user.
+
+    ``collate(indices)``: ``input_ids`` [B, n] left-padded with 0, ``attention_mask``, ``next_items`` [B, n]
+    (the item after each input; 0 at padding), ``targets`` [B] (the last next item), ``users``, ``lengths``.
+    """
+
+    split = "train"
+
+    def __init__(self, dataset: Dataset, max_len: int | None = None):
+        self.dataset = dataset
+        self.max_len = max_len or dataset.max_len
+        start, end = dataset.offsets[:-1], dataset.train_end
+        self.users = np.flatnonzero(end - start >= 2).astype(np.int64)
+        self.starts = np.maximum(start[self.users], end[self.users] - self.max_len - 1)
+        self.ends = end[self.users]
+        self.n_targets = int((self.ends - self.starts - 1).sum())
+
+    def __len__(self) -> int:
+        return int(self.users.size)
+
+    def __getitem__(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return int(i) % len(self)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        full = left_pad(self.dataset.items, self.starts[idx], self.ends[idx])  # [B, n + 1]
+        ids, nxt = full[:, :-1], full[:, 1:].copy()
+        nxt[ids == 0] = 0  # a row's first item is an input of nothing before it
+        return {
+            "input_ids": torch.from_numpy(np.ascontiguousarray(ids)),
+            "attention_mask": torch.from_numpy((ids != 0).astype(np.int64)),
+            "next_items": torch.from_numpy(nxt),
+            "targets": torch.from_numpy(full[:, -1].copy()),
+            "users": torch.from_numpy(self.users[idx]),
+            "lengths": torch.from_numpy(self.ends[idx] - self.starts[idx] - 1),
+        }
+
+
+def training_examples(dataset: Dataset, objective: str, max_len: int | None = None):
+    """The training samples of an objective: ``all`` → ``SequenceExamples`` (one per user, every position
+    predicts), ``last`` → ``NextItemExamples(dataset, "train")`` (one per prefix)."""
+    if objective == "all":
+        return SequenceExamples(dataset, max_len)
+    if objective == "last":
+        return NextItemExamples(dataset, "train", max_len)
+    raise ValueError(f"objective must be 'all' or 'last', got {objective!r}")
 
 
 def dist_rank_world() -> tuple[int, int]:

@@ -29,7 +29,14 @@ Fields (defaults = METHOD §5 / the authors' values):
   geometry instead of a random I×H matrix, and only a bias of I+1 is added).
 - ``trainable_scope``: ``lora`` (METHOD: LoRA + projector + prefix encoder + head train, the backbone is
   frozen) | ``full`` (the backbone trains too).
-- ``instruction`` / ``response``: the prompt text around the soft item tokens (tokenised once).
+- ``prompt``: ``method`` (METHOD: ``instruction`` + the soft item tokens + ``response``) | ``items`` (only
+  the tokenizer's BOS and the soft item tokens: the last item's position is the one that predicts; the
+  English text is noise to a randomly initialised backbone and doubles the sequence).
+- ``instruction`` / ``response``: the prompt text around the soft item tokens (tokenised once; ``method``).
+- ``prefix_queries``: which prompt positions attend to the prefix. ``all`` (METHOD: every query sees it) |
+  ``last`` (only the positions after the last history item — the response, or the last item's own position
+  with ``prompt="items"``). ``last`` is what the per-position objective needs: the prefix is built from the
+  whole history, so a position that predicts item t+1 must not see it (``HeLLM.hidden_states``).
 - ``gradient_checkpointing``: HF activation checkpointing of the decoder layers (non-reentrant).
 """
 from __future__ import annotations
@@ -47,6 +54,8 @@ TrainableScope = Literal["lora", "full"]
 PREFIX_MODES = ("hidden", "kv", "off")
 TRAINABLE_SCOPES = ("lora", "full")
 ITEM_HEADS = ("linear", "tied")
+PROMPTS = ("method", "items")
+PREFIX_QUERIES = ("all", "last")
 # transformers' attention kernels the CLI offers (the prefix injection works under each; see prefix.py)
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -116,6 +125,33 @@ def resolve_scope_and_head(model: str, trainable_scope: str = AUTO, item_head: s
     return scope, head
 
 
+OBJECTIVES = ("last", "all")
+
+
+def resolve_objective(model: str, objective: str = AUTO, prompt: str = AUTO, prefix_queries: str = AUTO,
+                      prefix_mode: str = "hidden") -> tuple[str, str, str]:
+    """The one rule for the training objective and the prompt, shared like ``resolve_scope_and_head``:
+    ``(objective, prompt, prefix_queries)``. ``auto`` is, for a config-built backbone, the per-position
+    objective (``all``: every history position predicts its next item in one forward) on the ``items``
+    prompt, and for a checkpoint directory METHOD's (``last``: the last position predicts the target; the
+    ``method`` instruction prompt). ``prefix_queries`` ``auto`` is ``last`` under the per-position objective
+    (a position must not see the prefix built from items after it) and METHOD's ``all`` otherwise; an
+    explicit ``all`` with the per-position objective and a prefix is refused."""
+    for name, value, choices in (("objective", objective, OBJECTIVES), ("prompt", prompt, PROMPTS),
+                                 ("prefix_queries", prefix_queries, PREFIX_QUERIES)):
+        if value != AUTO and value not in choices:
+            raise UsageError(f"{name} must be {AUTO!r} or one of {choices}, got {value!r}")
+    built = is_config_built(model)
+    objective = objective if objective != AUTO else ("all" if built else "last")
+    prompt = prompt if prompt != AUTO else ("items" if built else "method")
+    prefix_queries = prefix_queries if prefix_queries != AUTO else ("last" if objective == "all" else "all")
+    if objective == "all" and prefix_queries == "all" and prefix_mode != "off":
+        raise UsageError("the per-position objective (objective 'all') with prefix_queries 'all' would let "
+                         "every position see the prefix built from the whole history, i.e. the items it "
+                         "predicts: use prefix_queries 'last' (or auto)")
+    return objective, prompt, prefix_queries
+
+
 @dataclass(frozen=True)
 class HeLLMConfig:
     model: str = "tiny"
@@ -138,8 +174,10 @@ class HeLLMConfig:
     # what trains
     trainable_scope: TrainableScope = "lora"
     # prompt
+    prompt: str = "method"
     instruction: str = INSTRUCTION
     response: str = RESPONSE
+    prefix_queries: str = "all"
     gradient_checkpointing: bool = False
 
     def __post_init__(self):
@@ -168,8 +206,17 @@ class HeLLMConfig:
         for name in ("gram_hidden", "projector_hidden"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"{name} must be ≥ 1 or None, got {getattr(self, name)}")
-        if not self.instruction.strip() or not self.response.strip():
+        if self.prompt not in PROMPTS:
+            raise UsageError(f"prompt must be one of {PROMPTS}, got {self.prompt!r}")
+        if self.prompt == "method" and (not self.instruction.strip() or not self.response.strip()):
             raise UsageError("instruction and response texts must not be empty")
+        if self.prefix_queries not in PREFIX_QUERIES:
+            raise UsageError(f"prefix_queries must be one of {PREFIX_QUERIES}, got {self.prefix_queries!r}")
+        if self.prefix_queries == "last" and self.prefix_on and self.attn_implementation not in ("sdpa", "eager"):
+            # flash attention takes a 2-D padding mask, flex a BlockMask: the per-query prefix mask is an
+            # additive 4-D tensor, which sdpa and eager take as is
+            raise UsageError(f"prefix_queries='last' needs an additive 4-D attention mask, which "
+                             f"{self.attn_implementation} does not take: use sdpa or eager")
 
     @property
     def prefix_on(self) -> bool:

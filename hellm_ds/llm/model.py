@@ -12,7 +12,16 @@ For a batch from ``NextItemExamples.collate`` (``input_ids`` [B, n] item ids lef
     logits   = head(h_b) ∈ R^{I+1}, logits[:, 0] = −∞ (padding)           CE against the target item
              (item_head="tied": logits_i = h_b · t_i + b_i, t_i the item's own soft token)
 
-The instruction and response texts are tokenised once (``instruction`` with the tokenizer's special tokens,
+Per-position objective (``forward`` of a ``SequenceExamples`` batch, which carries ``next_items``): every
+history column c predicts i_{c+1} from the prompt position of its own soft token (the last column from the
+prompt's last position, as above) — one forward trains every target of a user, as SASRec trains. The
+prefix is built from the whole history, so with ``prefix_queries="last"`` only the positions after the last
+item attend to it (an additive 4-D mask, ``prefix.prefix_last_mask``) and no position sees an item after it
+(``tests/llm/test_per_position.py`` changes a later item and checks every earlier position to the bit).
+
+``prompt="items"`` drops the instruction and response texts: the prompt is the tokenizer's BOS (if any) and
+the soft item tokens, and the last item's position predicts. The instruction and response texts are
+tokenised once (``instruction`` with the tokenizer's special tokens,
 i.e. BOS; ``response`` without). Because padding is masked and positions skip it, a row's logits do not
 depend on how much padding the batch adds (tested to 1e-5). ``item_scoring()`` returns ``(item_vectors,
 item_bias)`` (``head.weight``/``head.bias``; tied: the projected item table and the bias) that rank exactly
@@ -51,6 +60,7 @@ from hellm_ds.llm.prefix import (
     GramPrefixEncoder,
     PrefixMaskCache,
     prefix_attention_mask,
+    prefix_last_mask,
     wrap_attention,
 )
 
@@ -111,8 +121,11 @@ class HeLLM(nn.Module):
         # fp32 (small, replicated, never trained): the Gram matrices see the exported values unrounded
         self.register_buffer("graph_items", graph_items.detach().float(), persistent=False)
         self.register_buffer("seq_items", seq_items.detach().float(), persistent=False)
-        instr = tokenizer(cfg.instruction, add_special_tokens=True)["input_ids"]
-        resp = tokenizer(cfg.response, add_special_tokens=False)["input_ids"]
+        if cfg.prompt == "items":  # the tokenizer's own start (BOS, if it adds one) and the items, no text
+            instr, resp = tokenizer("", add_special_tokens=True)["input_ids"], []
+        else:
+            instr = tokenizer(cfg.instruction, add_special_tokens=True)["input_ids"]
+            resp = tokenizer(cfg.response, add_special_tokens=False)["input_ids"]
         self.register_buffer("instruction_ids", torch.tensor(instr, dtype=torch.long), persistent=False)
         self.register_buffer("response_ids", torch.tensor(resp, dtype=torch.long), persistent=False)
 
@@ -226,7 +239,11 @@ class HeLLM(nn.Module):
         if self.prefix is not None:
             kwargs[PREFIX_KWARG] = self.prefix(self.graph_items[input_ids], attention_mask)
             kwargs[self._cache_arg] = PrefixMaskCache(self.cfg.prefix_len, self.n_layers)
-            mask2d = prefix_attention_mask(mask, self.cfg.prefix_len)
+            if self.cfg.prefix_queries == "last":  # only the positions after the last item see the prefix
+                mask2d = prefix_last_mask(mask, self.cfg.prefix_len, max(1, self.response_ids.numel()),
+                                          embeds.dtype)
+            else:
+                mask2d = prefix_attention_mask(mask, self.cfg.prefix_len)
         out = self.backbone(inputs_embeds=embeds, attention_mask=mask2d, position_ids=position_ids,
                             use_cache=False, **kwargs)
         return out.last_hidden_state, mask
@@ -235,20 +252,60 @@ class HeLLM(nn.Module):
         """The final hidden state of the last position [B, H]: scores = u · Wᵀ + b (``item_scoring``)."""
         return self.hidden_states(batch, table)[0][:, -1]
 
-    def forward(self, batch: dict) -> torch.Tensor:
-        """Item logits [B, n_items + 1] in fp32; column 0 (padding) is −∞."""
+    def position_states(self, batch: dict, table: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden state that predicts the item after each history column, for the columns that have one
+        (``batch["next_items"]`` > 0), in row-major order of the left-aligned batch — [N, H]. Column c < n − 1
+        reads its own soft token's position (Tᵢ + c), the last column the prompt's last position (as
+        ``user_vectors``). Needs ``prefix_queries="last"`` (or no prefix): otherwise every position sees the
+        prefix built from the whole history, i.e. the items it is asked to predict."""
+        if self.prefix is not None and self.cfg.prefix_queries != "last":
+            raise UsageError("the per-position objective needs prefix_queries='last' (or no prefix): with "
+                             "'all', position t sees the prefix of the whole history, items after t included")
+        h, _ = self.hidden_states(batch, table)
+        n = batch["input_ids"].shape[1]
+        Ti = self.instruction_ids.numel()
+        cols = torch.arange(n, device=h.device)
+        rows = torch.where(cols < n - 1, Ti + cols, h.shape[1] - 1)  # prompt position of each column
+        return h[:, rows][self.position_targets(batch) > 0]
+
+    def _scores(self, states: torch.Tensor, table: torch.Tensor | None) -> torch.Tensor:
+        """HeLLM's own item logits (fp32) of hidden states [N, H]."""
         if self.cfg.item_head == "tied":
-            table = self.item_table()  # one projector call serves the prompt and the scores
-            logits = (self.user_vectors(batch, table) @ table.T + self.head.bias).float()
+            return (states @ table.T + self.head.bias).float()
+        return self.head(states).float()
+
+    @staticmethod
+    def position_targets(batch: dict) -> torch.Tensor:
+        """``batch["next_items"]`` [B, n] left-aligned like the prompt (0 = no target), as ``position_states``
+        and ``forward`` order them: ``forward(batch)``'s rows are its non-zero entries, row-major."""
+        return left_align(batch["next_items"], batch["attention_mask"])[0]
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Item logits in fp32, column 0 (padding) −∞: [B, n_items + 1] for the last position, or, for a
+        per-position batch (with ``next_items``), [N, n_items + 1] for every position that has a next item
+        (targets: ``position_targets(batch)[position_targets(batch) > 0]``)."""
+        per_position = "next_items" in batch
+        table = self.item_table() if self.cfg.item_head == "tied" else None  # serves the prompt and the scores
+        if per_position:
+            logits = self._scores(self.position_states(batch, table), table)
         else:
-            logits = self.head(self.user_vectors(batch)).float()
+            logits = self._scores(self.hidden_states(batch, table)[0][:, -1], table)
         pad_col = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         pad_col[0] = True
         return logits.masked_fill(pad_col, float("-inf"))
 
     def loss(self, batch: dict) -> torch.Tensor:
-        """Mean cross-entropy of the last position's item logits against ``batch["targets"]``."""
-        return F.cross_entropy(self(batch), batch["targets"])
+        """``next_item_loss(self(batch), batch)``."""
+        return next_item_loss(self(batch), batch)
+
+
+def next_item_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy of ``HeLLM.forward(batch)``'s logits against their targets: ``batch["targets"]``,
+    or every position's next item for a per-position batch (``next_items``)."""
+    if "next_items" in batch:
+        nxt = HeLLM.position_targets(batch)
+        return F.cross_entropy(logits, nxt[nxt > 0])
+    return F.cross_entropy(logits, batch["targets"])
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -242,3 +242,18 @@ def prefix_attention_mask(attention_mask: torch.Tensor, prefix_len: int) -> torc
     """``[1]*prefix_len ‖ attention_mask`` — the 2-D mask over prefix + sequence keys."""
     ones = attention_mask.new_ones(attention_mask.shape[0], prefix_len)
     return torch.cat([ones, attention_mask], dim=1)
+
+
+def prefix_last_mask(attention_mask: torch.Tensor, prefix_len: int, n_last: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4-D mask [B, 1, L, prefix_len + L] (0 = attend, dtype's min = masked) over prefix + sequence
+    keys in which only the last ``n_last`` queries see the prefix; every query sees the non-padding keys up to
+    itself. For ``prefix_queries="last"``: a position that predicts item t+1 must not see the prefix built from
+    the whole history. A padding query sees nothing (a uniform row over masked keys; its output is never
+    read), so no row is NaN."""
+    B, L = attention_mask.shape
+    q = torch.arange(L, device=attention_mask.device)
+    causal = (q[None, :] <= q[:, None])[None] & attention_mask.bool()[:, None, :]  # [B, L, L]
+    sees_prefix = (q >= L - n_last)[None, :, None].expand(B, L, prefix_len)
+    allowed = torch.cat([sees_prefix, causal], dim=-1)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]

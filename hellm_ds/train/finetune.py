@@ -2,7 +2,9 @@ r"""Stage-2 fine-tuning of HeLLM (METHOD §5) with DeepSpeed ZeRO-2/3 — the la
 
 What it does: builds HeLLM around a frozen (ZeRO-3: partitioned from construction on) LLaMA-family backbone,
 wraps it in ``deepspeed.initialize`` with a JSON config from ``ds_configs/``, trains the next-item
-cross-entropy with AdamW (β 0.9/0.95, weight decay 0.1 on every trainable tensor of ≥ 2 dims — LoRA,
+cross-entropy — per position (``--objective all``: one sample per user, every history position predicts its
+next item; the default for a config-built backbone) or per prefix (``last``: METHOD's, one sample per training
+prefix, the default for a checkpoint directory) — with AdamW (β 0.9/0.95, weight decay 0.1 on every trainable tensor of ≥ 2 dims — LoRA,
 projector, Gram MLPs, prefix tables, head weight — none on biases and RMSNorm gains), lr 3e-4, linear
 warm-up for one epoch then half-cosine to 5e-6 (per optimiser step),
 gradient accumulation and clipping from the config (or the CLI), validates every epoch with the shared
@@ -86,8 +88,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-
 from hellm_ds.errors import UsageError
 from hellm_ds.exports import (  # noqa: F401  (the export format; re-exported for existing callers)
     ADAPTER_CONFIG,
@@ -98,7 +98,7 @@ from hellm_ds.exports import (  # noqa: F401  (the export format; re-exported fo
     read_item_table,
     write_adapter,
 )
-from hellm_ds.data.batching import NextItemExamples, ShardedSampler
+from hellm_ds.data.batching import ShardedSampler, training_examples
 from hellm_ds.data.dataset import load_dataset
 from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.train.distributed import (gather_named, init_distributed, partition_report,
@@ -160,6 +160,11 @@ class FinetuneConfig:
     lora_r: int = 16
     trainable_scope: str = "auto"  # auto: full for a config-built size, lora for a checkpoint directory
     item_head: str = "auto"  # auto: tied for a config-built size, linear for a checkpoint directory
+    # objective and prompt (llm.config.resolve_objective): auto = all + items for a config-built size,
+    # last + method (METHOD's) for a checkpoint directory; prefix_queries auto = last under objective all
+    objective: str = "auto"
+    prompt: str = "auto"
+    prefix_queries: str = "auto"
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -188,21 +193,23 @@ class FinetuneConfig:
         if self.ties not in TIE_RULES:
             raise UsageError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
         from hellm_ds.llm.backbone import check_model
-        from hellm_ds.llm.config import resolve_scope_and_head
+        from hellm_ds.llm.config import resolve_objective, resolve_scope_and_head
 
         # before anything is built: a checkpoint directory's layout, then the one scope/head rule; the
         # resolved values (never "auto") are what the run log, the checkpoints and the export record
         self.model = check_model(self.model)
         self.trainable_scope, self.item_head = resolve_scope_and_head(
             self.model, self.trainable_scope, self.item_head, warn=os.environ.get("RANK", "0") == "0")
+        self.objective, self.prompt, self.prefix_queries = resolve_objective(
+            self.model, self.objective, self.prompt, self.prefix_queries, self.prefix_mode)
 
     def hellm_config(self):
         from hellm_ds.llm import HeLLMConfig
 
         return HeLLMConfig(model=self.model, prefix_len=self.prefix_len, prefix_mode=self.prefix_mode,
                            lora_r=self.lora_r, trainable_scope=self.trainable_scope,
-                           item_head=self.item_head, dtype=self.dtype,
-                           attn_implementation=self.attn_implementation,
+                           item_head=self.item_head, dtype=self.dtype, prompt=self.prompt,
+                           prefix_queries=self.prefix_queries, attn_implementation=self.attn_implementation,
                            gradient_checkpointing=self.gradient_checkpointing)
 
     def to_dict(self) -> dict:
@@ -288,8 +295,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 RUN_META = "run.json"  # in each checkpoint tag: recipe, dataset fingerprint, configuration (read before loading)
 # may differ between the invocations of one run: paths (the data is checked by fingerprint), budgets and
 # bookkeeping; a longer --epochs stretches the cosine schedule from the next step on
-RESUME_FREE = {"data", "graph_emb", "seq_emb", "out", "deepspeed_config", "epochs", "max_steps", "resume",
-               "progress", "save_every", "keep_checkpoints", "eval_batch_size", "patience", "skip_eval",
+RESUME_FREE = {"data", "graph_emb", "seq_emb", "out", "deepspeed_config", "epochs", "max_steps",
+               "resume", "progress", "save_every", "keep_checkpoints", "eval_batch_size", "patience", "skip_eval",
                "report_partitioning"}
 
 
@@ -371,7 +378,7 @@ class FinetuneTrainer:
         # shape, tensor SHA-256, and made from this dataset (not just one of the same size)
         self.graph_items = read_item_table(cfg.graph_emb, self.dataset, self.dataset.n_items)
         self.seq_items = read_item_table(cfg.seq_emb, self.dataset, self.dataset.n_items)
-        self.train = NextItemExamples(self.dataset, "train", cfg.max_len)
+        self.train = training_examples(self.dataset, cfg.objective, cfg.max_len)
         self.sampler = ShardedSampler(len(self.train), self.world, self.rank, seed=cfg.seed, shuffle=True,
                                       drop_last=True)
         self.micro = int(self.ds_cfg["train_micro_batch_size_per_gpu"])
@@ -491,12 +498,14 @@ class FinetuneTrainer:
     def _optimizer_step(self, idx: np.ndarray, epoch: int, s: int, step: int) -> float:
         """Step ``s`` of the epoch: ``gas`` micro-batches; returns the loss averaged over ranks and micro-batches.
         A non-finite loss on any rank stops every rank before its backward."""
+        from hellm_ds.llm.model import next_item_loss  # (transformers is imported by the model already)
+
         loss_sum = 0.0
         for a in range(self.gas):
             k = (s * self.gas + a) * self.micro
             batch = {key: v.to(self.device) for key, v in self.train.collate(idx[k: k + self.micro]).items()}
             torch.manual_seed(_micro_seed(self.cfg.seed, epoch - 1, s, a, self.rank))  # dropout noise
-            loss = F.cross_entropy(self.engine(batch), batch["targets"])
+            loss = next_item_loss(self.engine(batch), batch)
             total = loss.detach().float().clone()
             dist.all_reduce(total)  # sum over ranks; NaN/inf on any rank makes it non-finite everywhere
             if not torch.isfinite(total).item():
@@ -622,7 +631,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from hellm_ds.eval.metrics import DEFAULT_KS, METRICS, TIE_RULES
     from hellm_ds.eval.ranking import PROTOCOLS
-    from hellm_ds.llm.config import ATTN_IMPLEMENTATIONS, DTYPES, ITEM_HEADS, PREFIX_MODES, TRAINABLE_SCOPES
+    from hellm_ds.llm.config import (ATTN_IMPLEMENTATIONS, DTYPES, ITEM_HEADS, OBJECTIVES, PREFIX_MODES,
+                                     PREFIX_QUERIES, PROMPTS, TRAINABLE_SCOPES)
     from hellm_ds.utils.cli_args import ArgumentParser
 
     p = ArgumentParser(prog="finetune", description="HeLLM stage-2 fine-tuning with DeepSpeed "
@@ -675,6 +685,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"backbone trains too; {auto}", ("auto", *TRAINABLE_SCOPES)),
         "item_head": (str, f"linear: a trained Linear(hidden → items); tied: scores from the items' own soft "
                            f"tokens; {auto}", ("auto", *ITEM_HEADS)),
+        "objective": (str, "all: every history position predicts its next item (one forward per user); "
+                           "last: one prefix → its next item per sample (METHOD); auto: all for a config-built "
+                           "backbone, last for a checkpoint directory", ("auto", *OBJECTIVES)),
+        "prompt": (str, "items: BOS + the soft item tokens; method: METHOD's instruction around them; auto: "
+                        "items for a config-built backbone, method for a checkpoint directory", ("auto", *PROMPTS)),
+        "prefix_queries": (str, "positions that attend to the prefix: last (after the last item; needed by "
+                                "objective all) or all (METHOD); auto: last under objective all",
+                           ("auto", *PREFIX_QUERIES)),
         "dtype": (str, "dtype of every parameter (auto: bfloat16 on CUDA, float32 on CPU)",
                   ("auto", *sorted(DTYPES))),
         "attn_implementation": (str, "transformers attention kernel", ATTN_IMPLEMENTATIONS),

@@ -241,12 +241,19 @@ def test_nonfinite_loss_stops_before_checkpoint(tables, tmp_path):
     assert not (out / CKPT_DIR / f"step{step}").exists()
 
 
-def test_loss_falls(tables, tmp_path):
-    """A few dozen steps on the synthetic data: the last 10 steps' mean loss is clearly below
-    the first 10 steps'."""
+@pytest.mark.parametrize("objective", ["all", "last"])
+def test_loss_falls(tables, tmp_path, objective):
+    """A few dozen steps on the synthetic data, with the per-position objective (every history position
+    predicts its next item; one sample per user) and with METHOD's (one prefix → its next item per sample,
+    the instruction prompt): the last 10 steps' mean loss is clearly below the first 10 steps'."""
     out = tmp_path / "run"
-    run(tables, out, "--epochs", "1", "--steps-per-epoch", "50", "--skip-eval", "--lr", "3e-3",
-        "--warmup-epochs", "0.1", "--micro-batch-size", "16", config=ZERO2)
+    prompt = "items" if objective == "all" else "method"
+    run(tables, out, "--epochs", "2", "--steps-per-epoch", "25", "--skip-eval", "--lr", "3e-3",
+        "--warmup-epochs", "0.2", "--micro-batch-size", "16", "--objective", objective, "--prompt", prompt,
+        config=ZERO2)
+    start = [r for r in log(out) if r["event"] == "start"][0]
+    assert (start["config"]["objective"], start["model"]["prompt"]) == (objective, prompt)
+    assert start["model"]["prefix_queries"] == ("last" if objective == "all" else "all")
     ls = [losses(out)[s] for s in range(1, 51)]
     first, last = sum(ls[:10]) / 10, sum(ls[-10:]) / 10
     assert last < first - 0.1, (first, last)
@@ -260,8 +267,9 @@ def test_tied_head_full_scope_beats_popularity(tables, tmp_path):
     from hellm_ds.data.dataset import load_dataset
 
     out = tmp_path / "run"
-    run(tables, out, "--epochs", "2", "--steps-per-epoch", "120", "--micro-batch-size", "16", "--lr", "3e-3",
-        "--warmup-epochs", "0.2", "--item-head", "tied", "--trainable-scope", "full")
+    # the default objective for a size name: per position, one sample per user (600 users: 37 steps/epoch)
+    run(tables, out, "--epochs", "6", "--micro-batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "0.5",
+        "--item-head", "tied", "--trainable-scope", "full")
     res = json.loads((out / "results.json").read_text())
     pop = evaluate_popularity(load_dataset(tables[0], max_len=10), progress=False)
     for metric in ("NDCG@10", "Recall@10"):

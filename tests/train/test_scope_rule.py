@@ -68,3 +68,25 @@ def test_tiny_run_records_full_tied_and_notes_the_capped_steps(tables, tmp_path)
     notes = [line for line in p.stderr.splitlines() if "note:" in line]
     assert len(notes) == 1 and "100000" in notes[0] and f"using {start['steps_per_epoch']}" in notes[0], notes
     assert "warning: --trainable-scope" not in p.stderr
+
+
+def test_objective_rule(local_llama):
+    """auto → the per-position objective on the items prompt (prefix for the last position only) for a
+    config-built backbone, METHOD's last-position objective and instruction prompt for a checkpoint directory;
+    the per-position objective with a prefix every position sees is refused (it would leak)."""
+    from hellm_ds.llm.config import resolve_objective
+
+    assert resolve_objective("tiny") == ("all", "items", "last")
+    assert resolve_objective(str(local_llama)) == ("last", "method", "all")
+    assert resolve_objective("tiny", "last") == ("last", "items", "all")
+    assert resolve_objective(str(local_llama), "all", "method") == ("all", "method", "last")
+    assert resolve_objective("tiny", "all", prefix_queries="all", prefix_mode="off") == ("all", "items", "all")
+    with pytest.raises(UsageError, match="prefix_queries 'last'"):
+        resolve_objective("tiny", "all", prefix_queries="all")
+    with pytest.raises(UsageError, match="objective"):
+        resolve_objective("tiny", "every")
+    cfg = FinetuneConfig("d", "g", "s", "o")
+    assert (cfg.objective, cfg.prompt, cfg.prefix_queries) == ("all", "items", "last")
+    assert (cfg.hellm_config().prompt, cfg.hellm_config().prefix_queries) == ("items", "last")
+    cfg = FinetuneConfig("d", "g", "s", "o", model=str(local_llama))
+    assert (cfg.objective, cfg.prompt, cfg.hellm_config().prefix_queries) == ("last", "method", "all")
