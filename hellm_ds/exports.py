@@ -18,7 +18,9 @@ Fine-tuning exports (``hellm-ds finetune`` → its ``--out``; ``hellm-ds merge-l
     (absolute paths of the stage-1 exports), ``dataset`` (fingerprint), ``base`` (file name or null),
     ``seed``, ``max_len``, ``epoch``, ``sha256`` ({file name: SHA-256 of the whole file} for the adapter and
     the base) and ``item_tables`` ({"graph_emb"/"seq_emb": the stage-1 export's ``payload_sha256``}: the
-    exact tables the run trained with);
+    exact tables the run trained with) and, for a run with ``--fusion sasrec``, ``fusion`` ({"sasrec_model": the
+    stage-1 SASRec export, "weight": w}: the model ranks by its scores + w · that SASRec's, see
+    ``HeLLM.attach_sasrec``);
   - ``results.json`` (``RESULTS_NAME``): the run's best epoch and its metrics.
 
 What is verified on load (``read_adapter_meta``, ``load_adapter``, ``load_checkpoint_model``): the JSON's
@@ -220,6 +222,7 @@ def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
         seq_items = read_item_table(meta["seq_emb"], None, meta["n_items"], tables.get("seq_emb"))
     # the trainer's construction: CPU dtype, backbone after seed, HeLLM's own parts after seed + 1
     model = build_hellm(cfg, graph_items, seq_items, device="cpu", seed=meta.get("seed", 0))
+    fusion = meta.get("fusion")
     params = dict(model.named_parameters())
     if meta.get("base"):
         base, _ = load_tensors(out_dir / meta["base"], verify=not verified)
@@ -228,6 +231,15 @@ def load_adapter(out_dir: str | Path, graph_items: torch.Tensor | None = None,
                 params[n].copy_(t)
     state, _ = load_tensors(out_dir / ADAPTER_NAME, verify=not verified)
     model.load_trainable_state_dict(state)
+    if fusion:  # ranked with the stage-1 SASRec's scores added at the weight picked on validation
+        from hellm_ds.pretrain.sasrec import sasrec_from_export  # a model definition, not a trainer
+
+        if not isinstance(fusion, dict) or not isinstance(fusion.get("sasrec_model"), str) \
+                or not isinstance(fusion.get("weight"), (int, float)):
+            raise DataFormatError(out_dir / ADAPTER_CONFIG, None, "'fusion' needs 'sasrec_model' (a path) and "
+                                  "'weight' (a number)", fusion)
+        sasrec, _ = sasrec_from_export(fusion["sasrec_model"])
+        model.attach_sasrec(sasrec, fusion["weight"])
     return model.to(device).eval()
 
 

@@ -421,7 +421,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         print(format_report(report), file=sys.stderr, flush=True)
     return {"out": str(run.root), "ranks": run.ranks, "trainable_scope": run.scope, "item_head": run.head,
             "objective": run.objective, "prompt": run.prompt,
-            "seconds": round(time.time() - t_all, 1), "ties": run.cfg.ties, "table": table, "plan": report,
+            "seconds": round(time.time() - t_all, 1), "load_average": [round(x, 2) for x in os.getloadavg()],
+            "ties": run.cfg.ties, "table": table, "plan": report,
             "stages": {k: {n: v for n, v in results[k].items() if n != "examples"}
                        for k in STAGES if k in results},
             "examples": results.get("evaluate", {}).get("examples")}

@@ -104,6 +104,7 @@ def format_table(rows: list[dict]) -> str:
         seeds = ", ".join(str(r["seed"]) for r in runs)
         lines.append(f"| {res['label']} | " + " | ".join(cells) + f" | {seeds} | {epochs_txt} | {wall} | "
                      f"{ties:.1f} |")
+    whole = [r for res in rows for r in res["runs"] if r.get("pipeline_seconds") is not None]
     env = rows[0].get("environment", {})
     hw = env.get("hardware", {})
     scripts = sorted({r.get("script", "?") for r in rows})
@@ -113,6 +114,13 @@ def format_table(rows: list[dict]) -> str:
                  f"({', '.join(f'`{s}`' for s in scripts)}; {env.get('date', '?')}, {hw.get('cpu', '?')}, "
                  f"{hw.get('cores', '?')} cores, load {hw.get('load', '?')}, "
                  f"commit {_commit(env.get('git_commit', '?'))}).")
+    if whole:
+        loads = [r["pipeline_load"][0] for r in whole if r.get("pipeline_load")]
+        load = f"; 1-minute load {min(loads):.1f}–{max(loads):.1f} at its end" if loads else ""
+        lines.append(f"The whole `hellm-ds pipeline` of a seed (every stage, evaluation included): "
+                     f"{_duration(statistics.fmean(r['pipeline_seconds'] for r in whole))} on average, at most "
+                     f"{_duration(max(r['pipeline_seconds'] for r in whole))} (seeds "
+                     f"{', '.join(str(r['seed']) for r in whole)}{load}).")
     return "\n".join(lines)
 
 

@@ -263,7 +263,9 @@ def test_one_resolve_device():
 
 
 def test_lower_layers_never_import_the_trainers():
-    """eval/, data/, graph/, llm/ and exports.py read the formats; none imports train/ or pretrain/."""
+    """eval/, data/, graph/, llm/ and exports.py read the formats; none imports train/ or pretrain/'s
+    trainers (pretrain/sasrec.py, the SASRec model definition a fused export is rebuilt with, is a model like
+    llm/)."""
     root = Path(__file__).resolve().parents[1] / "hellm_ds"
     files = [root / "exports.py"]
     files += [p for d in ("eval", "data", "graph", "llm") for p in (root / d).rglob("*.py")]
@@ -273,6 +275,6 @@ def test_lower_layers_never_import_the_trainers():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             bad += [f"{path.relative_to(root)}: {n}" for n in names
-                    if n.startswith(("hellm_ds.train", "hellm_ds.pretrain"))]
+                    if n.startswith(("hellm_ds.train", "hellm_ds.pretrain")) and n != "hellm_ds.pretrain.sasrec"]
     assert not bad
     assert not (root / "train" / "evaluate.py").exists()

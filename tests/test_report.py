@@ -192,3 +192,21 @@ def test_kernel_rows_compare_different_paths_only(tmp_path):
     assert "power-law 1M×300k (16M nnz): project SpMM 1.50× the speed of cuSPARSE (fp32), project SpMM 2.80× " \
            "the speed of cuSPARSE (bf16)" in gpu_row
     assert "No project-vs-MKL" not in gpu_row
+
+
+def test_the_whole_pipeline_time_is_stated_with_its_load(tmp_path):
+    """A row whose runs carry the seed's whole-pipeline seconds (collect.py: the sum of its stages) gets one
+    line under the table: mean and maximum wall time and the load the runs ended with."""
+    from hellm_ds.report import format_table
+
+    results = tmp_path / "results"
+    _write(results, "ds", "hellm", [0.10, 0.12])
+    path = results / "ds" / "hellm.json"
+    res = json.loads(path.read_text())
+    for run, (secs, load) in zip(res["runs"], ((2400.0, [2.1, 2.0, 1.9]), (2640.0, [2.6, 2.2, 2.0]))):
+        run.update(pipeline_seconds=secs, pipeline_load=load)
+    text = format_table([res])
+    assert ("The whole `hellm-ds pipeline` of a seed (every stage, evaluation included): 42.0 min on average, "
+            "at most 44.0 min (seeds 0, 1; 1-minute load 2.1–2.6 at its end).") in text
+    _write(results, "ds", "plain", [0.1])
+    assert "whole" not in format_table([json.loads((results / "ds" / "plain.json").read_text())])

@@ -141,6 +141,7 @@ class HeLLM(nn.Module):
             self.head = TiedItemBias(self.n_items + 1, dtype=self.dtype)
         else:
             self.head = nn.Linear(H, self.n_items + 1, dtype=self.dtype)
+        self.sasrec, self.fusion_weight = None, 0.0  # score fusion with the stage-1 SASRec (attach_sasrec)
         self._cache_arg = cache_kwarg(self.backbone.forward)
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
@@ -156,6 +157,25 @@ class HeLLM(nn.Module):
             raise UsageError(f"trainable_scope must be 'lora' or 'full', got {scope!r}")
         for name, p in self.named_parameters():
             p.requires_grad_(scope == "full" or _is_adapter_param(name))
+
+    def attach_sasrec(self, sasrec: nn.Module, weight: float) -> None:
+        """Rank with fused scores HeLLM + ``weight`` · SASRec: ``user_vectors`` becomes [h ‖ weight · u_s] and
+        ``item_scoring``'s table [W ‖ s], with u_s the frozen stage-1 SASRec's user vector of the same history
+        and s its item table — the ``seq_items`` HeLLM reads (checked to be equal). Training never sees it:
+        the trainer picks ``weight`` on validation. ``weight`` 0 ranks exactly like HeLLM alone."""
+        table = sasrec.item_embeddings().detach().float().cpu()
+        if table.shape != self.seq_items.shape or not torch.equal(table, self.seq_items.detach().float().cpu()):
+            raise UsageError(f"the SASRec model's item table ({tuple(table.shape)}) is not the sequential item "
+                             f"table HeLLM reads ({tuple(self.seq_items.shape)}): fuse the model of the same "
+                             "pretrain-seq run")
+        self.sasrec = sasrec.requires_grad_(False).eval()
+        self.fusion_weight = float(weight)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.sasrec is not None:
+            self.sasrec.eval()  # a frozen input: no dropout
+        return self
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter by name (detached): LoRA, projector, prefix, head [+ backbone: full].
@@ -201,9 +221,12 @@ class HeLLM(nn.Module):
         """``(item_vectors [I+1, H], item_bias [I+1])`` in fp32, detached copies: scores = u · Wᵀ + b rank
         exactly like ``forward``. Reads parameters directly (no module hooks)."""
         if self.cfg.item_head == "tied":
-            W = self.projector.functional(self.item_features())
-            return W.float().clone(), self.head.bias.detach().float().clone()
-        return self.head.weight.detach().float().clone(), self.head.bias.detach().float().clone()
+            W, b = self.projector.functional(self.item_features()).float(), self.head.bias.detach().float()
+        else:
+            W, b = self.head.weight.detach().float(), self.head.bias.detach().float()
+        if self.sasrec is not None:  # [h ‖ w·u_s] · [W ‖ s] = h·W + w · u_s·s
+            W = torch.cat([W, self.seq_items.float()], dim=1)
+        return W.clone(), b.clone()
 
     def assemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -249,8 +272,18 @@ class HeLLM(nn.Module):
         return out.last_hidden_state, mask
 
     def user_vectors(self, batch: dict, table: torch.Tensor | None = None) -> torch.Tensor:
-        """The final hidden state of the last position [B, H]: scores = u · Wᵀ + b (``item_scoring``)."""
-        return self.hidden_states(batch, table)[0][:, -1]
+        """The final hidden state of the last position [B, H] (fused: [h ‖ w · u_s], see ``attach_sasrec``):
+        scores = u · Wᵀ + b (``item_scoring``)."""
+        h = self.hidden_states(batch, table)[0][:, -1]
+        if self.sasrec is None:
+            return h
+        return torch.cat([h.float(), self.fusion_weight * self.sasrec_user_vectors(batch)], dim=-1)
+
+    def sasrec_user_vectors(self, batch: dict) -> torch.Tensor:
+        """The attached SASRec's user vectors [B, d_s] (fp32) of the batch's histories."""
+        ids, _ = left_align(batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            return self.sasrec(ids)[:, -1].float()
 
     def position_states(self, batch: dict, table: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden state that predicts the item after each history column, for the columns that have one

@@ -172,3 +172,20 @@ class SASRec(nn.Module):
     def scores(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-item logits [B, n_items + 1] at the last position (column 0 is padding)."""
         return self.forward(input_ids)[:, -1] @ self.item_embeddings().T
+
+
+def sasrec_from_export(path, device: str | torch.device = "cpu") -> tuple[SASRec, dict]:
+    """The model rebuilt from a ``sasrec_model.safetensors`` export (``hellm-ds pretrain-seq``), in eval mode,
+    and the export's metadata (sizes from its recorded ``config``). Tensor bytes checked against the header."""
+    from hellm_ds.errors import UsageError
+    from hellm_ds.utils.checkpoint import load_tensors
+
+    tensors, meta = load_tensors(path)
+    if meta.get("kind") != "sasrec":
+        raise UsageError(f"{path} is not a SASRec model export")
+    c = meta.get("config", {})
+    model = SASRec(int(meta["n_items"]), dim=c.get("dim", 64), n_blocks=c.get("n_blocks", 2),
+                   n_heads=c.get("n_heads", 1), max_len=c.get("max_len", 50), dropout=c.get("dropout", 0.2),
+                   ffn_dim=c.get("ffn_dim"))
+    model.load_state_dict(tensors)
+    return model.to(device).eval(), meta

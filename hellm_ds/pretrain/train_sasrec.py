@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +54,9 @@ from hellm_ds.errors import UsageError
 from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.eval.metrics import DEFAULT_KS, METRICS, TIE_RULES
 from hellm_ds.eval.ranking import PROTOCOLS
-from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce
+from hellm_ds.pretrain.sasrec import SASRec, full_softmax_ce, sasrec_from_export
 from hellm_ds.utils.device import resolve_device
-from hellm_ds.utils.checkpoint import check_export_owner, export_tensors, load_tensors
+from hellm_ds.utils.checkpoint import check_export_owner, export_tensors
 from hellm_ds.utils.early_stop import EarlyStopper
 from hellm_ds.utils.loop import (FileCheckpoint, LoopConfig, LoopState, refuse_used_directory, run_loop,
                                  start_log)
@@ -308,15 +308,9 @@ def _train(dataset: Dataset, cfg: SASRecTrainConfig, out: Path, resume: bool, pr
 
 
 def load_sasrec(path: str | Path, device: str | torch.device = "cpu") -> tuple[SASRec, dict]:
-    """The best model rebuilt from ``sasrec_model.safetensors`` (in eval mode), and the export's metadata."""
-    tensors, meta = load_tensors(path)
-    if meta.get("kind") != "sasrec":
-        raise UsageError(f"{path} is not a SASRec model export")
-    known = {f.name for f in fields(SASRecTrainConfig)}
-    cfg = SASRecTrainConfig(**{k: v for k, v in meta["config"].items() if k in known})
-    model = build_model(int(meta["n_items"]), cfg)
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), meta
+    """The best model rebuilt from ``sasrec_model.safetensors`` (in eval mode), and the export's metadata
+    (``sasrec.sasrec_from_export``)."""
+    return sasrec_from_export(path, device)
 
 
 # ---- command line ------------------------------------------------------------------------------------------

@@ -4,12 +4,13 @@ What it does: builds HeLLM around a frozen (ZeRO-3: partitioned from constructio
 wraps it in ``deepspeed.initialize`` with a JSON config from ``ds_configs/``, trains the next-item
 cross-entropy — per position (``--objective all``: one sample per user, every history position predicts its
 next item; the default for a config-built backbone) or per prefix (``last``: METHOD's, one sample per training
-prefix, the default for a checkpoint directory) — with AdamW (β 0.9/0.95, weight decay 0.1 on every trainable tensor of ≥ 2 dims — LoRA,
-projector, Gram MLPs, prefix tables, head weight — none on biases and RMSNorm gains), lr 3e-4, linear
-warm-up for one epoch then half-cosine to 5e-6 (per optimiser step),
-gradient accumulation and clipping from the config (or the CLI), validates every epoch with the shared
-evaluator sharded across ranks, evaluates test at every new best validation epoch (so the reported test is
-the best-validation epoch's), checkpoints, and exports the trained weights.
+prefix, the default for a checkpoint directory) — with AdamW (β 0.9/0.95, weight decay 0.1 on every trainable
+tensor of ≥ 2 dims — LoRA, projector, Gram MLPs, prefix tables, head weight — none on biases and RMSNorm
+gains), lr 3e-4, linear warm-up for one epoch then half-cosine to 5e-6 (per optimiser step), gradient
+accumulation and clipping from the config (or the CLI), validates every epoch with the shared
+evaluator sharded across ranks (``--fusion sasrec``: also HeLLM + w · the stage-1 SASRec for each w of
+``FUSION_WEIGHTS``, keeping the best w), evaluates test at every new best validation epoch (so the reported
+test is the best-validation epoch's), checkpoints, and exports the trained weights.
 
 Single process (no launcher; the process group — a world of one — is created here, gloo on CPU, nccl on
 CUDA)::
@@ -165,6 +166,10 @@ class FinetuneConfig:
     objective: str = "auto"
     prompt: str = "auto"
     prefix_queries: str = "auto"
+    # rank by HeLLM + w · the stage-1 SASRec, w ∈ FUSION_WEIGHTS picked on validation (auto: sasrec for a
+    # config-built size when the SASRec model is at hand, else none); seq_model: it (default: beside seq_emb)
+    fusion: str = "auto"
+    seq_model: str | None = None
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
@@ -193,7 +198,7 @@ class FinetuneConfig:
         if self.ties not in TIE_RULES:
             raise UsageError(f"ties must be one of {TIE_RULES}, got {self.ties!r}")
         from hellm_ds.llm.backbone import check_model
-        from hellm_ds.llm.config import resolve_objective, resolve_scope_and_head
+        from hellm_ds.llm.config import is_config_built, resolve_objective, resolve_scope_and_head
 
         # before anything is built: a checkpoint directory's layout, then the one scope/head rule; the
         # resolved values (never "auto") are what the run log, the checkpoints and the export record
@@ -202,6 +207,10 @@ class FinetuneConfig:
             self.model, self.trainable_scope, self.item_head, warn=os.environ.get("RANK", "0") == "0")
         self.objective, self.prompt, self.prefix_queries = resolve_objective(
             self.model, self.objective, self.prompt, self.prefix_queries, self.prefix_mode)
+        if self.fusion not in ("auto", *FUSIONS):
+            raise UsageError(f"fusion must be 'auto' or one of {FUSIONS}, got {self.fusion!r}")
+        if self.fusion == "auto":  # a config-built size whose stage-1 SASRec model is at hand: fuse it
+            self.fusion = "sasrec" if is_config_built(self.model) and fusion_model_path(self, False) else "none"
 
     def hellm_config(self):
         from hellm_ds.llm import HeLLMConfig
@@ -214,6 +223,22 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+FUSIONS = ("none", "sasrec")
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # w of HeLLM + w · SASRec, picked on validation (0 = HeLLM)
+
+
+def fusion_model_path(cfg: FinetuneConfig, required: bool = True) -> Path | None:
+    """The SASRec of ``--fusion sasrec``: ``--seq-model``, else ``sasrec_model.safetensors`` beside ``--seq-emb``
+    (where pretrain-seq writes both); None when absent and not ``required``."""
+    path = Path(cfg.seq_model) if cfg.seq_model else Path(cfg.seq_emb).parent / "sasrec_model.safetensors"
+    if not path.is_file():
+        if not required:
+            return None
+        raise UsageError(f"--fusion sasrec needs the stage-1 SASRec model: {path} does not exist (pass --seq-model "
+                         "with pretrain-seq's sasrec_model.safetensors, or --fusion none)")
+    return path
 
 
 # ---- schedule --------------------------------------------------------------------------------------------
@@ -295,7 +320,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 RUN_META = "run.json"  # in each checkpoint tag: recipe, dataset fingerprint, configuration (read before loading)
 # may differ between the invocations of one run: paths (the data is checked by fingerprint), budgets and
 # bookkeeping; a longer --epochs stretches the cosine schedule from the next step on
-RESUME_FREE = {"data", "graph_emb", "seq_emb", "out", "deepspeed_config", "epochs", "max_steps",
+RESUME_FREE = {"data", "graph_emb", "seq_emb", "seq_model", "out", "deepspeed_config", "epochs", "max_steps",
                "resume", "progress", "save_every", "keep_checkpoints", "eval_batch_size", "patience", "skip_eval",
                "report_partitioning"}
 
@@ -378,6 +403,17 @@ class FinetuneTrainer:
         # shape, tensor SHA-256, and made from this dataset (not just one of the same size)
         self.graph_items = read_item_table(cfg.graph_emb, self.dataset, self.dataset.n_items)
         self.seq_items = read_item_table(cfg.seq_emb, self.dataset, self.dataset.n_items)
+        self.fusion, self.fusion_path, self.valid_weight = None, None, 0.0
+        if cfg.fusion == "sasrec":  # the stage-1 SASRec, outside the engine: it is never trained
+            from hellm_ds.pretrain.sasrec import sasrec_from_export
+
+            self.fusion_path = fusion_model_path(cfg)
+            self.fusion, _ = sasrec_from_export(self.fusion_path)
+            table = self.fusion.item_embeddings().detach().float()
+            if table.shape != self.seq_items.shape or not torch.equal(table, self.seq_items.float()):
+                raise UsageError(f"{self.fusion_path}: its item table is not {cfg.seq_emb}'s — fuse the model of "
+                                 "the same pretrain-seq run")
+            self.fusion = self.fusion.to(self.device).requires_grad_(False)
         self.train = training_examples(self.dataset, cfg.objective, cfg.max_len)
         self.sampler = ShardedSampler(len(self.train), self.world, self.rank, seed=cfg.seed, shuffle=True,
                                       drop_last=True)
@@ -526,11 +562,54 @@ class FinetuneTrainer:
         self.engine.eval()
         with deepspeed.zero.GatheredParameters(self.model.item_scoring_params(), modifier_rank=None):
             W, b = self.model.item_scoring()
-        res = evaluate(self.dataset, split, lambda batch: self.model.user_vectors(batch).float(), item_vectors=W,
-                       item_bias=b, batch_size=self.cfg.eval_batch_size, device=self.device, lockstep=True,
-                       progress=self.show, ties=self.cfg.ties)
+        run = functools.partial(evaluate, self.dataset, split, item_bias=b, batch_size=self.cfg.eval_batch_size,
+                                device=self.device, lockstep=True, ties=self.cfg.ties)
+        user_fn = lambda batch: self.model.user_vectors(batch).float()  # noqa: E731
+        if self.fusion is None:
+            res = run(user_fn, item_vectors=W, progress=self.show)
+        else:
+            res = self._evaluate_fused(split, run, user_fn, W)
         self.engine.train()
         return res
+
+    def _evaluate_fused(self, split: str, run, user_fn, W: torch.Tensor) -> dict:
+        """Rankings of HeLLM + w · SASRec for every w of FUSION_WEIGHTS (validation: the best by the selection
+        metric becomes ``valid_weight``; test: ``valid_weight``'s). One forward pass: each batch's HeLLM and
+        SASRec user vectors are kept (on the host) and replayed, in the evaluator's own order, per weight."""
+        from hellm_ds.llm.model import left_align
+
+        W = torch.cat([W, self.seq_items.to(W.device).float()], dim=1)  # [h ‖ w·u_s] · [W ‖ s]
+        kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def first(batch):
+            h = user_fn(batch)
+            with torch.no_grad():
+                u = self.fusion(left_align(batch["input_ids"], batch["attention_mask"])[0])[:, -1].float()
+            kept.append((batch["users"].cpu(), h.cpu(), u.cpu()))
+            return torch.cat([h, 0.0 * u], dim=1)
+
+        weights = FUSION_WEIGHTS if split == "valid" else (self.valid_weight,)
+        results = {0.0: run(first, item_vectors=W, progress=self.show)}
+        for w in weights:
+            if w in results:
+                continue
+            replay = iter(kept)
+
+            def fused(batch, w=w):
+                users, h, u = next(replay)
+                if not torch.equal(users, batch["users"].cpu()):
+                    raise RuntimeError("the evaluator visited users in another order than in its first pass")
+                return torch.cat([h, w * u], dim=1).to(self.device)
+
+            results[w] = run(fused, item_vectors=W, progress=False)
+        if split != "valid":
+            return results[self.valid_weight]
+        proto, metric = self.cfg.select_metric.split("/", 1)
+        scores = {w: results[w][proto][metric] for w in weights}
+        self.valid_weight = max(weights, key=lambda w: (scores[w], -w))  # ties: the smaller weight
+        self.log.log("fusion", split=split, weights={str(w): s for w, s in scores.items()},
+                     chosen=self.valid_weight)
+        return results[self.valid_weight]
 
     def keep_best(self, epoch: int, valid: dict | None, state: LoopState) -> None:
         """A new best: test it (the reported test is the best-validation epoch's) and export its weights."""
@@ -538,7 +617,7 @@ class FinetuneTrainer:
         if valid is not None:
             test = self._evaluate("test")
             self.log.log("test", step=state.step, epoch=epoch, metrics=test)
-        self.best = {"epoch": epoch, "test": test}
+        self.best = {"epoch": epoch, "test": test, "fusion_weight": self.valid_weight}
         self._export_weights(epoch)
 
     def final_test(self, state: LoopState) -> dict | None:
@@ -586,16 +665,19 @@ class FinetuneTrainer:
                     "graph_emb": str(Path(self.cfg.graph_emb).resolve()),
                     "seq_emb": str(Path(self.cfg.seq_emb).resolve()), "seed": self.cfg.seed,
                     "max_len": self.cfg.max_len, "epoch": epoch, "base": BASE_NAME if built_lora else None}
+            if self.fusion is not None:
+                meta["fusion"] = {"sasrec_model": str(Path(self.fusion_path).resolve()), "weight": self.valid_weight}
             write_adapter(self.out, state, meta, self.dataset.fingerprint, base=base)  # tensors, then JSON
         dist.barrier()
 
     def export(self, result: dict) -> dict:
         """``results.json`` (``partial_results.json`` after a ``--max-steps`` stop); the weights were exported at
-        the best epoch."""
+        the best epoch (with ``fusion_weight``, the SASRec weight picked on validation, under ``--fusion sasrec``)."""
+        extra = {"fusion_weight": self.best.get("fusion_weight")} if self.fusion is not None else {}
         if self.rank == 0:
             name = ("partial_" if result["stop_reason"] == "max_steps" else "") + RESULTS_NAME
-            write_json_atomic(self.out / name, result)
-        return {}
+            write_json_atomic(self.out / name, {**result, **extra})
+        return extra
 
     def _report_partitioning(self) -> None:
         rep = partition_report(self.model, self.rank, self.world)
@@ -693,6 +775,12 @@ def build_parser() -> argparse.ArgumentParser:
         "prefix_queries": (str, "positions that attend to the prefix: last (after the last item; needed by "
                                 "objective all) or all (METHOD); auto: last under objective all",
                            ("auto", *PREFIX_QUERIES)),
+        "fusion": (str, "sasrec: rank by HeLLM's scores + w · the stage-1 SASRec's, w picked on validation from "
+                        f"{', '.join(map(str, FUSION_WEIGHTS))} (0: HeLLM alone); none: HeLLM alone; auto: sasrec "
+                        "for a config-built backbone when the SASRec model is at hand (--seq-model, or beside "
+                        "--seq-emb), else none", ("auto", *FUSIONS)),
+        "seq_model": (str, "the SASRec model of --fusion sasrec (default: sasrec_model.safetensors beside "
+                           "--seq-emb)"),
         "dtype": (str, "dtype of every parameter (auto: bfloat16 on CUDA, float32 on CPU)",
                   ("auto", *sorted(DTYPES))),
         "attn_implementation": (str, "transformers attention kernel", ATTN_IMPLEMENTATIONS),

@@ -25,7 +25,8 @@ PIPELINE_ROWS = {  # model name → (pipeline stage, label, order)
     "popularity": ("popularity", "popularity", 10),
     "graph": ("graph", "graph (MMHCL, batch contrast)", 20),
     "sasrec": ("sasrec", "SASRec (d 64, 2 blocks)", 30),
-    "hellm": ("evaluate", "**HeLLM** (`tiny`, scope `full`, tied head, Gram prefix)", 40),
+    "hellm": ("evaluate", "**HeLLM** (`tiny`, scope `full`, per-position objective, items prompt, tied head, "
+                          "Gram prefix)", 40),
 }
 RULES = ("expected", "optimistic")
 SPLITS = ("valid", "test")
@@ -81,6 +82,20 @@ def recorded(model: str, run: Path) -> tuple[dict, dict]:
     return res["test"], facts
 
 
+def pipeline_facts(run: Path) -> dict:
+    """The seed's whole ``hellm-ds pipeline``: the sum of its stages' wall seconds (each stage's
+    ``stage.json``, so a stage re-run with ``--redo`` counts once, as it ran) and the load average the last
+    invocation ended with (``seed<k>/pipeline.json``, when recorded)."""
+    from hellm_ds.pipeline import STAGES, STAMP
+
+    seconds = sum(json.loads((run / "pipeline" / s / STAMP).read_text())["seconds"] for s in STAGES)
+    try:
+        load = json.loads((run / "pipeline.json").read_text()).get("load_average")
+    except (OSError, ValueError):
+        load = None
+    return {"pipeline_seconds": round(seconds, 1), "pipeline_load": load}
+
+
 def check_same(model: str, seed: int, got: dict, want: dict, tol: float = 1e-6) -> None:
     for proto, metrics in want.items():
         for k, v in metrics.items():
@@ -131,6 +146,8 @@ def main(argv=None) -> int:
             t0 = time.time()
             metrics = evaluate_row(model, run, dataset)
             want, facts = recorded(model, run)
+            if model == "hellm":  # the whole pipeline of the seed, every stage and its evaluation
+                facts.update(pipeline_facts(run))
             check_same(model, seed, metrics["test"]["expected"], want)
             entries.append({"seed": seed, **facts, **metrics})
             print(f"{model} seed {seed}: test paper NDCG@10 {metrics['test']['expected']['paper']['NDCG@10']:.4f} "
