@@ -40,7 +40,22 @@ def left_pad(items: np.ndarray, starts: np.ndarray, ends: np.ndarray, max_len: i
     return out
 
 
-class NextItemExamples(torch.utils.data.Dataset):
+class _IndexedSamples(torch.utils.data.Dataset):
+    """A map-style dataset of sample indices over ``self.users`` (one row per sample); ``collate`` builds
+    the batch."""
+
+    users: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.users.size)
+
+    def __getitem__(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return int(i) % len(self)
+
+
+class NextItemExamples(_IndexedSamples):
     """Samples of one split: ``train`` (every prefix → next item) or ``valid``/``test`` (one per user).
 
     ``examples[i]`` returns ``i``; ``examples.collate(indices)`` returns the batch dict:
@@ -60,14 +75,6 @@ class NextItemExamples(torch.utils.data.Dataset):
             s = dataset.split(split)
             self.users, self.starts, self.ends, self.targets = s.users, s.hist_start, s.hist_end, s.targets
 
-    def __len__(self) -> int:
-        return int(self.users.size)
-
-    def __getitem__(self, i: int) -> int:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return int(i) % len(self)
-
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         ids = left_pad(self.dataset.items, self.starts[idx], self.ends[idx], self.max_len)
@@ -80,7 +87,7 @@ class NextItemExamples(torch.utils.data.Dataset):
         }
 
 
-class SequenceExamples(torch.utils.data.Dataset):
+class SequenceExamples(_IndexedSamples):
     """Training sequences for the per-position objective: one sample per user with ≥ 2 training items, the
     training part t = ``items[start:train_end]`` (its last ``max_len + 1`` items) split into inputs t[:-1] and
     next items t[1:], as SASRec trains. One forward then predicts every training target of the user.
@@ -99,14 +106,6 @@ class SequenceExamples(torch.utils.data.Dataset):
         self.starts = np.maximum(start[self.users], end[self.users] - self.max_len - 1)
         self.ends = end[self.users]
         self.n_targets = int((self.ends - self.starts - 1).sum())
-
-    def __len__(self) -> int:
-        return int(self.users.size)
-
-    def __getitem__(self, i: int) -> int:
-        if not -len(self) <= i < len(self):
-            raise IndexError(i)
-        return int(i) % len(self)
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)

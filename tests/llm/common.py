@@ -50,6 +50,19 @@ def model(seed: int = 0, randomize_lora: bool = True, **overrides) -> HeLLM:
     return m.eval()
 
 
+def train_steps(m: HeLLM, b: dict, steps: int = 30, lr: float = 3e-3) -> list[float]:
+    """``steps`` Adam steps of ``m.loss(b)`` on one fixed batch; the losses."""
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = m.loss(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def perturb_lora(m: HeLLM, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

@@ -10,7 +10,7 @@ from hellm_ds.eval.evaluator import evaluate
 from hellm_ds.llm import HeLLMConfig, build_hellm, load_item_tables
 from hellm_ds.utils.checkpoint import export_tensors
 
-from tests.llm.common import ROWS, batch, model, tables
+from tests.llm.common import ROWS, batch, model, tables, train_steps
 
 
 def _lora_layers(m):
@@ -177,15 +177,8 @@ def test_loss_falls_and_evaluator_ranks_with_the_head(synth):
     m = build_hellm(HeLLMConfig(prefix_len=4, dtype="float32"), graph, seq, seed=0)
     examples = NextItemExamples(synth, "train", max_len=12)
     b = examples.collate(range(0, 16))
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     m.train()
-    losses = []
-    for _ in range(30):
-        loss = m.loss(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(m, b)
     assert losses[-1] < 0.5 * losses[0], losses
     m.eval()
     kw = dict(protocols=("paper", "filtered"), batch_size=128, progress=False)

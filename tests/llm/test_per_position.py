@@ -8,7 +8,7 @@ import torch
 from hellm_ds.data.batching import SequenceExamples
 from hellm_ds.errors import UsageError
 
-from tests.llm.common import model
+from tests.llm.common import model, train_steps
 
 ROWS = [[3, 7, 1, 9, 4, 11], [12, 5, 2], [8, 8, 2, 30, 6, 17]]
 
@@ -135,14 +135,6 @@ def test_per_position_loss_falls():
     """A few optimiser steps on a fixed batch lower the per-position loss (the objective trains)."""
     m = model(prefix_mode="hidden", prompt="items", prefix_queries="last", item_head="tied",
               trainable_scope="full").train()
-    b = seq_batch(ROWS)
-    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=3e-3)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(30):
-        loss = m.loss(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(m, seq_batch(ROWS))
     assert losses[-1] < 0.5 * losses[0], losses
