@@ -5,7 +5,8 @@
 # picked on validation: the defaults for `tiny`), plus stage-2 ablations on the same seed's stage-1 tables,
 # one lever each — no SASRec fusion, METHOD's objective and prompt (one prefix per sample, instruction text),
 # METHOD's prompt alone, no graph-conditioned prefix, METHOD's linear item head.
-# Seeds 0 1 2 (SEEDS="0" for one; JOBS=2 runs two side by side); one CPU thread per process; about 20
+# Seeds 0 1 2 (SEEDS="0" for one; JOBS=2 runs two side by side; COLLECT=0 skips the collection, for seeds
+# spread over several invocations); one CPU thread per process; about 20
 # CPU-minutes per seed (6 for the pipeline, 10 for METHOD's objective).
 #   bash launch/reproduce/scientific.sh [RUNS_DIR]      (DATA=… for another copy of the dataset)
 set -euo pipefail
@@ -49,6 +50,7 @@ for seed in ${SEEDS:-0 1 2}; do  # JOBS seeds at a time (default 1)
   if [ "${#pids[@]}" -ge "${JOBS:-1}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+[ "${COLLECT:-1}" = 1 ] || exit 0  # COLLECT=0: only the runs (seeds spread over invocations; collect once)
 cd "$root"
 abl=()
 for name in $names; do abl+=(--ablation "$name=${label[$name]} (${ablation[$name]})"); done

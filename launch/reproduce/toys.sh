@@ -4,7 +4,8 @@
 # pipeline in ≤ 45 minutes on the 2-core CPU: graph pre-training and SASRec get 900 s and 720 s of wall time,
 # fine-tuning the per-position objective on the items prompt (the defaults for `tiny`) for 10 epochs, ranked
 # with the stage-1 SASRec's scores added at the weight picked on validation (--fusion sasrec, tiny's default).
-# Seeds 0 1 2 (SEEDS="0" for one; JOBS=2 runs two side by side, one per core); one CPU thread per process.
+# Seeds 0 1 2 (SEEDS="0" for one; JOBS=2 runs two side by side, one per core; COLLECT=0 skips the
+# collection); one CPU thread per process.
 #   bash launch/reproduce/toys.sh [RUNS_DIR]      (DATA=… for another copy of the dataset)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -26,6 +27,7 @@ for seed in ${SEEDS:-0 1 2}; do  # JOBS seeds at a time (default 1); a rerun ski
   if [ "${#pids[@]}" -ge "${JOBS:-1}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
+[ "${COLLECT:-1}" = 1 ] || exit 0  # COLLECT=0: only the runs (seeds spread over invocations; collect once)
 cd "$root"
 python launch/reproduce/collect.py --dataset toys --data "$data" --runs "$runs" --script launch/reproduce/toys.sh \
   --command "${pipeline//$root\//}"
