@@ -26,7 +26,7 @@ PIPELINE_ROWS = {  # model name → (pipeline stage, label, order)
     "graph": ("graph", "graph (MMHCL, batch contrast)", 20),
     "sasrec": ("sasrec", "SASRec (d 64, 2 blocks)", 30),
     "hellm": ("evaluate", "**HeLLM** (`tiny`, scope `full`, per-position objective, items prompt, tied head, "
-                          "Gram prefix)", 40),
+                          "Gram prefix, SASRec fusion)", 40),
 }
 RULES = ("expected", "optimistic")
 SPLITS = ("valid", "test")
@@ -51,10 +51,13 @@ def evaluate_row(model: str, run: Path, dataset) -> dict:
             res = evaluate_splits(dataset, lambda b: user[b["users"] + 1], item_vectors=item, progress=False,
                                   ties=rule)
         elif model == "sasrec":
-            sas, _ = load_sasrec(run / "pipeline" / "sasrec" / MODEL_NAME)
+            sas, meta = load_sasrec(run / "pipeline" / "sasrec" / MODEL_NAME)
+            # the run's own batch size: another padding width moves the last bits of the scores (and with them
+            # an exact tie now and then)
             with torch.no_grad():
                 res = evaluate_splits(dataset, sas.user_vectors, item_vectors=sas.item_embeddings(),
-                                      progress=False, ties=rule)
+                                      batch_size=meta["config"].get("eval_batch_size", 1024), progress=False,
+                                      ties=rule)
         else:
             ckpt = run / "pipeline" / "finetune" if model == "hellm" else run / model
             res = evaluate_checkpoint(ckpt, dataset, ties=rule)
@@ -79,6 +82,8 @@ def recorded(model: str, run: Path) -> tuple[dict, dict]:
     if res.get("ties", "expected") != "expected":
         raise SystemExit(f"{run}/{model}: recorded under ties={res['ties']!r}; reproduce runs use expected")
     facts = {"seconds": seconds, "best_epoch": res.get("best_epoch"), "epochs_run": res.get("epochs_run")}
+    if "fusion_weight" in res:  # the SASRec weight the run picked on validation (--fusion sasrec)
+        facts["fusion_weight"] = res["fusion_weight"]
     return res["test"], facts
 
 
