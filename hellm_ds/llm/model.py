@@ -163,11 +163,7 @@ class HeLLM(nn.Module):
         ``item_scoring``'s table [W ‖ s], with u_s the frozen stage-1 SASRec's user vector of the same history
         and s its item table — the ``seq_items`` HeLLM reads (checked to be equal). Training never sees it:
         the trainer picks ``weight`` on validation. ``weight`` 0 ranks exactly like HeLLM alone."""
-        table = sasrec.item_embeddings().detach().float().cpu()
-        if table.shape != self.seq_items.shape or not torch.equal(table, self.seq_items.detach().float().cpu()):
-            raise UsageError(f"the SASRec model's item table ({tuple(table.shape)}) is not the sequential item "
-                             f"table HeLLM reads ({tuple(self.seq_items.shape)}): fuse the model of the same "
-                             "pretrain-seq run")
+        check_fusion_table(sasrec, self.seq_items)
         self.sasrec = sasrec.requires_grad_(False).eval()
         self.fusion_weight = float(weight)
 
@@ -281,9 +277,7 @@ class HeLLM(nn.Module):
 
     def sasrec_user_vectors(self, batch: dict) -> torch.Tensor:
         """The attached SASRec's user vectors [B, d_s] (fp32) of the batch's histories."""
-        ids, _ = left_align(batch["input_ids"], batch["attention_mask"])
-        with torch.no_grad():
-            return self.sasrec(ids)[:, -1].float()
+        return sasrec_user_vectors(self.sasrec, batch)
 
     def position_states(self, batch: dict, table: torch.Tensor | None = None) -> torch.Tensor:
         """The hidden state that predicts the item after each history column, for the columns that have one
@@ -339,6 +333,23 @@ def next_item_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         nxt = HeLLM.position_targets(batch)
         return F.cross_entropy(logits, nxt[nxt > 0])
     return F.cross_entropy(logits, batch["targets"])
+
+
+def check_fusion_table(sasrec: nn.Module, seq_items: torch.Tensor) -> None:
+    """A SASRec fused with HeLLM must be the model whose item table HeLLM reads (``seq_items``): the fused
+    scores use that table as the SASRec's output layer."""
+    table = sasrec.item_embeddings().detach().float().cpu()
+    if table.shape != seq_items.shape or not torch.equal(table, seq_items.detach().float().cpu()):
+        raise UsageError(f"the SASRec model's item table ({tuple(table.shape)}) is not the sequential item "
+                         f"table HeLLM reads ({tuple(seq_items.shape)}): fuse the model of the same "
+                         "pretrain-seq run")
+
+
+def sasrec_user_vectors(sasrec: nn.Module, batch: dict) -> torch.Tensor:
+    """A (frozen) SASRec's user vectors [B, d_s] (fp32, no gradient) of a batch's histories, any padding."""
+    ids, _ = left_align(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        return sasrec(ids)[:, -1].float()
 
 
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

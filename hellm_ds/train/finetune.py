@@ -407,12 +407,11 @@ class FinetuneTrainer:
         if cfg.fusion == "sasrec":  # the stage-1 SASRec, outside the engine: it is never trained
             from hellm_ds.pretrain.sasrec import sasrec_from_export
 
+            from hellm_ds.llm.model import check_fusion_table
+
             self.fusion_path = fusion_model_path(cfg)
             self.fusion, _ = sasrec_from_export(self.fusion_path)
-            table = self.fusion.item_embeddings().detach().float()
-            if table.shape != self.seq_items.shape or not torch.equal(table, self.seq_items.float()):
-                raise UsageError(f"{self.fusion_path}: its item table is not {cfg.seq_emb}'s — fuse the model of "
-                                 "the same pretrain-seq run")
+            check_fusion_table(self.fusion, self.seq_items)
             self.fusion = self.fusion.to(self.device).requires_grad_(False)
         self.train = training_examples(self.dataset, cfg.objective, cfg.max_len)
         self.sampler = ShardedSampler(len(self.train), self.world, self.rank, seed=cfg.seed, shuffle=True,
@@ -576,15 +575,13 @@ class FinetuneTrainer:
         """Rankings of HeLLM + w · SASRec for every w of FUSION_WEIGHTS (validation: the best by the selection
         metric becomes ``valid_weight``; test: ``valid_weight``'s). One forward pass: each batch's HeLLM and
         SASRec user vectors are kept (on the host) and replayed, in the evaluator's own order, per weight."""
-        from hellm_ds.llm.model import left_align
+        from hellm_ds.llm.model import sasrec_user_vectors
 
         W = torch.cat([W, self.seq_items.to(W.device).float()], dim=1)  # [h ‖ w·u_s] · [W ‖ s]
         kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def first(batch):
-            h = user_fn(batch)
-            with torch.no_grad():
-                u = self.fusion(left_align(batch["input_ids"], batch["attention_mask"])[0])[:, -1].float()
+            h, u = user_fn(batch), sasrec_user_vectors(self.fusion, batch)
             kept.append((batch["users"].cpu(), h.cpu(), u.cpu()))
             return torch.cat([h, 0.0 * u], dim=1)
 

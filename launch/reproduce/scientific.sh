@@ -11,9 +11,7 @@
 #   bash launch/reproduce/scientific.sh [RUNS_DIR]      (DATA=… for another copy of the dataset)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-[ -x "$root/.venv/bin/hellm-ds" ] || . "$root/launch/setup_env.sh"
-export PATH="$root/.venv/bin:$PATH" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-command -v nvidia-smi > /dev/null || export DS_ACCELERATOR=cpu
+. "$root/launch/reproduce/common.sh"  # environment, record_commit, run_seeds
 data="${DATA:-$root/../shared/data/scientific}"
 runs="${1:-$root/runs/reproduce/scientific}"
 pipeline="hellm-ds pipeline --data $data --out $runs/seedSEED/pipeline --seed SEED --model tiny --ranks 1 \
@@ -31,9 +29,7 @@ declare -A label=([hellm_fusion_off]="HeLLM alone, no SASRec fusion"
   [hellm_method]="HeLLM, METHOD's objective and prompt"
   [hellm_prompt_method]="HeLLM, METHOD's prompt" [hellm_prefix_off]="HeLLM, prefix off"
   [hellm_linear_head]="HeLLM, METHOD's linear item head")
-mkdir -p "$runs"
-[ -f "$runs/commit.txt" ] || (cd "$root" && echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- hellm_ds kernels \
-  || echo +dirty)") > "$runs/commit.txt"  # what the runs ran (collect.py records it)
+record_commit "$runs"
 run_seed() {  # the pipeline, then each ablation on its stage-1 tables; a rerun skips what is done
   local seed=$1 cmd
   mkdir -p "$runs/seed$seed"
@@ -44,12 +40,7 @@ run_seed() {  # the pipeline, then each ablation on its stage-1 tables; a rerun 
     ${cmd//NAME/$name} ${ablation[$name]} > "$runs/seed$seed/$name.json"
   done
 }
-pids=()
-for seed in ${SEEDS:-0 1 2}; do  # JOBS seeds at a time (default 1)
-  run_seed "$seed" & pids+=($!)
-  if [ "${#pids[@]}" -ge "${JOBS:-1}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+run_seeds
 [ "${COLLECT:-1}" = 1 ] || exit 0  # COLLECT=0: only the runs (seeds spread over invocations; collect once)
 cd "$root"
 abl=()

@@ -11,9 +11,7 @@
 #   bash launch/reproduce/toys.sh [RUNS_DIR]      (DATA=… for another copy of the dataset)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-[ -x "$root/.venv/bin/hellm-ds" ] || . "$root/launch/setup_env.sh"
-export PATH="$root/.venv/bin:$PATH" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-command -v nvidia-smi > /dev/null || export DS_ACCELERATOR=cpu
+. "$root/launch/reproduce/common.sh"  # environment, record_commit, run_seeds
 data="${DATA:-$root/../shared/data/toys}"
 runs="${1:-$root/runs/reproduce/toys}"
 pipeline="hellm-ds pipeline --data $data --out $runs/seedSEED/pipeline --seed SEED --model tiny --ranks 1 \
@@ -24,9 +22,7 @@ finetune="hellm-ds finetune --data $data --graph-emb $runs/seedSEED/pipeline/gra
 --seq-emb $runs/seedSEED/pipeline/sasrec/sequential_item_embeddings.safetensors --out $runs/seedSEED/NAME \
 --model tiny --trainable-scope full --item-head tied --epochs 10 --lr 1e-3 --micro-batch-size 64 --patience 5 \
 --max-len 50 --seed SEED --deepspeed_config ds_configs/zero3.json --no-progress"
-mkdir -p "$runs"
-[ -f "$runs/commit.txt" ] || (cd "$root" && echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- hellm_ds kernels \
-  || echo +dirty)") > "$runs/commit.txt"  # what the runs ran (collect.py records it)
+record_commit "$runs"
 run_seed() {  # the pipeline, then the ablation on its stage-1 tables; a rerun skips what is done
   local seed=$1 cmd
   mkdir -p "$runs/seed$seed"
@@ -35,12 +31,7 @@ run_seed() {  # the pipeline, then the ablation on its stage-1 tables; a rerun s
   cmd="${finetune//SEED/$seed}"
   (cd "$root" && ${cmd//NAME/hellm_fusion_off} --fusion none > "$runs/seed$seed/hellm_fusion_off.json")
 }
-pids=()
-for seed in ${SEEDS:-0 1 2}; do  # JOBS seeds at a time (default 1)
-  run_seed "$seed" & pids+=($!)
-  if [ "${#pids[@]}" -ge "${JOBS:-1}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+run_seeds
 [ "${COLLECT:-1}" = 1 ] || exit 0  # COLLECT=0: only the runs (seeds spread over invocations; collect once)
 cd "$root"
 python launch/reproduce/collect.py --dataset toys --data "$data" --runs "$runs" --script launch/reproduce/toys.sh \
